@@ -1,0 +1,187 @@
+"""CAM inference: multi-scale + flip (SEAM: scales 0.5, 1, 1.5, 2 x flip = 8 passes), PCM output, per-class
+max-normalisation, background by a threshold.
+
+Per-image file format (``<out>/<id>.npz``, written atomically):
+  ``cam``  float16 (K', H, W) in [0, 1] at the image's resolution, one plane per positive class of the image;
+  ``keys`` int16 (K',) the class index of each plane in the dataset's class_names (1..K, 0 = background never stored);
+  ``hw``   int32 (2,) the image height and width.
+Labels come from the background threshold: label = keys[argmax] where max >= bg_threshold, else 0.
+"""
+from __future__ import annotations
+
+import io
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from wsss.config import Config, resolve_device
+
+
+def save_cam(uri: str, cam: np.ndarray, keys: np.ndarray) -> None:
+    from wsss.data import fs
+
+    buf = io.BytesIO()
+    cam = np.asarray(cam)
+    np.savez_compressed(buf, cam=cam.astype(np.float16), keys=np.asarray(keys, dtype=np.int16),
+                        hw=np.asarray(cam.shape[-2:], dtype=np.int32))
+    fs.write_bytes(uri, buf.getvalue())
+
+
+def load_cam(uri: str) -> tuple[np.ndarray, np.ndarray]:
+    """Return (cam float32 (K',H,W), keys int64 (K',))."""
+    from wsss.data import fs
+
+    with np.load(io.BytesIO(fs.read_bytes(uri))) as z:
+        return z["cam"].astype(np.float32), z["keys"].astype(np.int64)
+
+
+class CamInferencer:
+    """Callable: (image uint8 HxWx3, labels (K,) multi-hot or None) -> (cam float32 (K',H,W), keys (K',)).
+
+    With ``labels=None`` the classes are those the classifier scores positive (logit > 0) at scale 1.
+    """
+
+    def __init__(self, model: torch.nn.Module, cfg: Config, device: torch.device | None = None,
+                 scales: list[float] | None = None, flip: bool | None = None, use_pcm: bool | None = None):
+        self.model = getattr(model, "module", model)
+        self.cfg = cfg
+        self.device = device or next(self.model.parameters()).device
+        self.scales = list(scales if scales is not None else cfg.infer.scales)
+        self.flip = cfg.infer.flip if flip is None else flip
+        self.use_pcm = (cfg.infer.use_pcm and cfg.uses_pcm) if use_pcm is None else use_pcm
+
+    @torch.no_grad()
+    def __call__(self, image: np.ndarray, labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        from wsss.data.transforms import normalize
+        from wsss.train import autocast
+
+        was_training = self.model.training
+        self.model.eval()
+        h, w = image.shape[:2]
+        x = normalize(image).unsqueeze(0).to(self.device)
+        total = None
+        logits1 = None
+        for s in self.scales:
+            size = (max(8, int(round(h * s))), max(8, int(round(w * s))))
+            xs = F.interpolate(x, size=size, mode="bilinear", align_corners=False) if size != (h, w) else x
+            if self.flip:
+                xs = torch.cat([xs, torch.flip(xs, dims=(-1,))], dim=0)
+            with autocast(self.device, self.cfg.optim.amp):
+                out = self.model(xs)
+            cam = out["cam_rv"] if (self.use_pcm and out.get("cam_rv") is not None) else out["cam"]
+            cam = F.relu(cam.float())
+            cam = F.interpolate(cam, size=(h, w), mode="bilinear", align_corners=False)
+            if self.flip:
+                cam = cam[0:1] + torch.flip(cam[1:2], dims=(-1,))
+            total = cam[0] if total is None else total + cam[0]
+            if s == 1.0 or logits1 is None:
+                logits1 = out["logits"][0].float()
+        if was_training:
+            self.model.train()
+        if labels is None:
+            labels_t = (logits1 > 0).float()
+        else:
+            labels_t = torch.as_tensor(np.asarray(labels), dtype=torch.float32, device=self.device)
+        keys = torch.nonzero(labels_t > 0.5).flatten() + 1
+        cam = total[keys]
+        flat = cam.reshape(cam.shape[0], -1)
+        mx = flat.max(dim=1)[0].reshape(-1, 1, 1)
+        cam = cam / (mx + 1e-5)
+        return cam.clamp(0, 1).cpu().numpy().astype(np.float32), keys.cpu().numpy().astype(np.int64)
+
+
+def cam_labels(cam: np.ndarray, keys: np.ndarray, bg_threshold: float) -> np.ndarray:
+    """uint8 label map from a CAM: class of the arg-max plane where it reaches the threshold, else background."""
+    h, w = cam.shape[-2:]
+    if cam.shape[0] == 0:
+        return np.zeros((h, w), np.uint8)
+    stacked = np.concatenate([np.full((1, h, w), bg_threshold, np.float32), cam.astype(np.float32)], axis=0)
+    lut = np.concatenate([[0], np.asarray(keys)]).astype(np.uint8)
+    return lut[stacked.argmax(0)]
+
+
+def infer_cams(checkpoint: str, data_root: str, out: str, split: str | None = None,
+               overrides: list[str] | None = None, labels_png: bool = False, progress: bool = True,
+               device: str | None = None) -> dict:
+    """Run CAM inference over a dataset: ``<out>/<id>.npz`` per image (+ label PNGs under ``<out>/labels``
+    when ``labels_png``), ``<out>/rejects.csv`` for bad items. Resumes: existing npz files are skipped."""
+    from tqdm import tqdm
+
+    from wsss.checkpoint import load_cam_model
+    from wsss.data import fs, open_dataset
+    from wsss.data.io import BadItem, encode_label_png
+
+    model, cfg, meta = load_cam_model(checkpoint, device=torch.device(device) if device else None, overrides=overrides)
+    ds = open_dataset(data_root, split)
+    if list(ds.class_names) != list(meta["class_names"]):
+        raise ValueError(f"dataset {data_root}: class names {ds.class_names} differ from the checkpoint's "
+                         f"{meta['class_names']}")
+    inf = CamInferencer(model, cfg)
+    fs.makedirs(out)
+    if labels_png:
+        fs.makedirs(fs.join(out, "labels"))
+    done = set(n[:-4] for n in fs.listdir(out) if n.endswith(".npz"))
+    rejects: list[tuple[str, str]] = []
+    n_new = 0
+    t0 = time.perf_counter()
+    for i in tqdm(ds.ids, desc="cams", disable=not progress, unit="img"):
+        if i in done:
+            continue
+        try:
+            image = ds.load_image(i)
+            labels = ds.labels(i)
+            cam, keys = inf(image, labels)
+        except (BadItem, FileNotFoundError, ValueError) as e:
+            rejects.append((i, str(e).splitlines()[0]))
+            continue
+        save_cam(fs.join(out, f"{i}.npz"), cam, keys)
+        if labels_png:
+            fs.write_bytes(fs.join(out, "labels", f"{i}.png"),
+                           encode_label_png(cam_labels(cam, keys, cfg.infer.bg_threshold)))
+        n_new += 1
+    dt = time.perf_counter() - t0
+    if rejects:
+        lines = "id,reason\n" + "".join(f"{i},\"{r.replace(chr(34), chr(39))}\"\n" for i, r in rejects)
+        fs.write_bytes(fs.join(out, "rejects.csv"), lines.encode())
+    return {"written": n_new, "skipped_existing": len(done & set(ds.ids)), "rejects": rejects,
+            "seconds": dt, "images_per_s": n_new / dt if dt > 0 else 0.0, "out": out}
+
+
+def evaluate_cams_folder(cams_dir: str, data_root: str, split: str | None = None, json_path: str | None = None,
+                         thresholds=None) -> dict:
+    """CAM mIoU with a background-threshold sweep (SEAM protocol: 0.00-0.59, best reported) over the CAM files
+    of ``cams_dir`` against the dataset's masks. A missing CAM file is listed in ``missing``."""
+    import json as _json
+
+    from wsss.data import fs, open_dataset
+    from wsss.metrics import threshold_sweep
+
+    ds = open_dataset(data_root, split)
+    missing: list[str] = []
+    rejects: list[tuple[str, str]] = []
+
+    def pairs():
+        for i in ds.ids:
+            uri = fs.join(cams_dir, f"{i}.npz")
+            if not fs.exists(uri):
+                missing.append(i)
+                continue
+            mask = ds.load_mask(i)
+            if mask is None:
+                continue
+            cam, keys = load_cam(uri)
+            if cam.shape[-2:] != mask.shape:
+                rejects.append((i, f"CAM {uri} is {cam.shape[-2:]} but the mask is {mask.shape}"))
+                continue
+            yield cam, keys, mask
+
+    kw = {} if thresholds is None else {"thresholds": thresholds}
+    res = threshold_sweep(pairs(), ds.num_classes, ds.class_names, **kw)
+    res.update(n_images=len(ds.ids) - len(missing) - len(rejects), split=ds.split, missing=missing,
+               rejects=[list(r) for r in rejects], threshold=res.get("best_threshold"))
+    if json_path:
+        with open(json_path, "w") as f:
+            _json.dump(res, f, indent=2, default=float)
+    return res
