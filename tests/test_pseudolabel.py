@@ -1,0 +1,245 @@
+"""Pseudo-label pipeline: stage helpers, resumable local loop with rejects, AffinityNet training, S3 output."""
+import io
+import os
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from wsss.config import Config
+from wsss.pseudolabel import (RandomWalkStage, cam_scores, check_stages, labels_from_scores, load_affinity_model,
+                              pseudolabel)
+
+
+def _cfg() -> Config:
+    cfg = Config()
+    cfg.model.backbone = "tiny"
+    cfg.model.width = 8
+    cfg.method.name = "daen"
+    cfg.infer.scales = [1.0]
+    cfg.infer.flip = False
+    cfg.data.resize_long = [56, 72]
+    cfg.data.crop = 64
+    cfg.affinity.crop = 64
+    cfg.affinity.batch_size = 4
+    cfg.affinity.max_steps = 2
+    cfg.crf.iters = 3
+    cfg.rw.logt = 4
+    cfg.device = "cpu"
+    return cfg.validate()
+
+
+@pytest.fixture(scope="module")
+def cam_ckpt(synth_root, tmp_path_factory):
+    from wsss.checkpoint import save_checkpoint
+    from wsss.data import open_dataset
+    from wsss.train import build_model
+
+    cfg = _cfg()
+    ds = open_dataset(str(synth_root))
+    torch.manual_seed(0)
+    net = build_model(cfg, ds.num_classes)
+    where = str(tmp_path_factory.mktemp("ckpt") / "cam")
+    save_checkpoint(where, net, cfg, meta={"kind": "cam", "class_names": list(ds.class_names)})
+    return where
+
+
+@pytest.fixture(scope="module")
+def aff_ckpt(cam_ckpt, synth_root, tmp_path_factory):
+    from wsss.affinity_train import train_affinity
+    from wsss.cam import infer_cams
+
+    base = tmp_path_factory.mktemp("aff")
+    cams = str(base / "cams")
+    infer_cams(cam_ckpt, str(synth_root), cams, split="train", progress=False)
+    out = train_affinity(_cfg(), cams, str(synth_root), str(base / "affnet"), split="train", progress=False)
+    return {"ckpt": out, "cams": cams, "base": base}
+
+
+# ---- pure helpers ------------------------------------------------------------------------------------------
+
+def test_cam_scores_and_labels_match_threshold_labels():
+    from wsss.cam import cam_labels
+
+    rng = np.random.default_rng(0)
+    cam = rng.random((2, 9, 11)).astype(np.float32)
+    keys = np.array([3, 5])
+    probs, k = cam_scores(cam, keys, 0.4)
+    assert probs.shape == (3, 9, 11) and k.tolist() == [0, 3, 5]
+    assert np.all(probs[0] == np.float32(0.4))
+    lab = labels_from_scores(probs, k)
+    assert lab.dtype == np.uint8
+    assert np.array_equal(lab, cam_labels(cam, keys, 0.4))
+    assert set(np.unique(lab)) <= {0, 3, 5}
+
+
+def test_check_stages():
+    assert check_stages(("cam",), None) == ("cam",)
+    assert check_stages("cam,rw,crf", "x") == ("cam", "rw", "crf")
+    with pytest.raises(ValueError, match="affinity"):
+        check_stages(("cam", "rw"), None)
+    with pytest.raises(ValueError, match="order"):
+        check_stages(("cam", "crf", "rw"), "x")
+    with pytest.raises(ValueError, match="unknown stage"):
+        check_stages(("cam", "dcrf"), None)
+    with pytest.raises(ValueError):
+        check_stages(("crf",), None)
+
+
+# ---- local loop: resume and rejects -------------------------------------------------------------------------
+
+def _read(path):
+    return pq.read_table(path).to_pylist()
+
+
+def test_pseudolabel_rejects_corrupt_image_and_resumes(cam_ckpt, synth_root, tmp_path):
+    from wsss.data import open_dataset
+    from wsss.data.io import decode_mask
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_root, data)
+    ids = open_dataset(str(data), "val").ids
+    assert len(ids) >= 4
+    bad = ids[1]
+    (data / "JPEGImages" / f"{bad}.jpg").write_bytes(b"\xff\xd8 definitely not a jpeg")
+    out = tmp_path / "pl"
+    cfg = _cfg()
+
+    res = pseudolabel(cfg, cam_ckpt, str(data), str(out), stages=("cam", "crf"), split="val", progress=False)
+    good = [i for i in ids if i != bad]
+    assert res["n_written"] == len(good) and res["n_rejected"] == 1 and res["n_skipped"] == 0
+    assert sorted(p.stem for p in out.glob("*.png")) == sorted(good)
+    rej = _read(out / "rejects.parquet")
+    assert [r["id"] for r in rej] == [bad] and f"{bad}.jpg" in rej[0]["reason"]
+    rows = _read(out / "results.parquet")
+    assert sorted(r["id"] for r in rows) == sorted(good)
+    assert all(r["status"] == "ok" and r["sec_cam"] > 0 and r["sec_crf"] > 0 and r["sec_rw"] is None
+               for r in rows)
+    ds = open_dataset(str(data), "val")
+    for i in good:
+        lab = decode_mask((out / f"{i}.png").read_bytes(), i)
+        assert lab.shape == ds.image_hw(i)
+        allowed = {0} | {c + 1 for c in np.flatnonzero(ds.labels(i))}
+        assert set(np.unique(lab)) <= allowed
+
+    # damage the output: remove one PNG, truncate another; the rest must be left alone
+    removed, torn = good[0], good[1]
+    (out / f"{removed}.png").unlink()
+    (out / f"{torn}.png").write_bytes((out / f"{torn}.png").read_bytes()[:20])
+    untouched = good[2]
+    mtime = os.stat(out / f"{untouched}.png").st_mtime_ns
+    res2 = pseudolabel(cfg, cam_ckpt, str(data), str(out), stages=("cam", "crf"), split="val", progress=False)
+    assert res2["n_written"] == 2 and res2["n_skipped"] == len(good) - 2 and res2["n_rejected"] == 1
+    assert os.stat(out / f"{untouched}.png").st_mtime_ns == mtime
+    rows2 = _read(out / "results.parquet")
+    ids2 = [r["id"] for r in rows2]
+    assert sorted(ids2) == sorted(good) and len(ids2) == len(set(ids2))       # nothing lost or duplicated
+    assert {r["id"]: r["sec_cam"] for r in rows2}[untouched] == {r["id"]: r["sec_cam"] for r in rows}[untouched]
+    assert [r["id"] for r in _read(out / "rejects.parquet")] == [bad]
+    decode_mask((out / f"{torn}.png").read_bytes(), torn)
+
+    # the image is fixed: the next run picks it up and clears its reject
+    shutil.copy(synth_root / "JPEGImages" / f"{bad}.jpg", data / "JPEGImages" / f"{bad}.jpg")
+    res3 = pseudolabel(cfg, cam_ckpt, str(data), str(out), stages=("cam",), split="val", progress=False)
+    assert res3["n_written"] == 1 and res3["n_rejected"] == 0
+    assert _read(out / "rejects.parquet") == []
+    assert sorted(r["id"] for r in _read(out / "results.parquet")) == sorted(ids)
+
+
+def test_pseudolabel_without_config_uses_checkpoint_config(cam_ckpt, synth_root, tmp_path):
+    res = pseudolabel(None, cam_ckpt, str(synth_root), str(tmp_path / "o"), stages=("cam",), split="val",
+                      progress=False, max_images=2)
+    assert res["n_written"] == 2
+
+
+def test_pseudolabel_class_mismatch_is_an_error(cam_ckpt, synth_root, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(synth_root, data)
+    names = (data / "classes.txt").read_text().split()
+    (data / "classes.txt").write_text("\n".join(names[:-1] + ["zebra"]) + "\n")
+    with pytest.raises(ValueError, match="classes"):
+        pseudolabel(_cfg(), cam_ckpt, str(data), str(tmp_path / "o"), stages=("cam",), split="val",
+                    progress=False)
+
+
+# ---- AffinityNet training and the random-walk stage ----------------------------------------------------------
+
+def test_train_affinity_writes_checkpoint_and_label_cache(aff_ckpt, synth_root):
+    from wsss.affinity_train import LABEL_DIR, build_affinity_labels, load_label
+    from wsss.checkpoint import load_checkpoint
+    from wsss.data import open_dataset
+
+    state, cfg, meta, metrics = load_checkpoint(aff_ckpt["ckpt"])
+    assert meta["kind"] == "affinity" and meta["class_names"][0] == "background"
+    assert metrics["steps"] == 2 and np.isfinite(metrics["loss_last"])
+    assert any(k.startswith("embed.") for k in state)
+    ds = open_dataset(str(synth_root), "train")
+    cache = os.path.join(aff_ckpt["ckpt"], LABEL_DIR)
+    files = sorted(os.listdir(cache))
+    assert files == sorted(f"{i}.npz" for i in ds.ids)
+    lab = load_label(os.path.join(cache, files[0]))
+    assert lab.dtype == np.uint8 and lab.shape == ds.image_hw(files[0][:-4])
+    # cached labels are reused, not recomputed
+    mtimes = {f: os.stat(os.path.join(cache, f)).st_mtime_ns for f in files}
+    ok, rejects = build_affinity_labels(cfg, aff_ckpt["cams"], ds, cache, progress=False)
+    assert sorted(ok) == sorted(ds.ids) and rejects == []
+    assert {f: os.stat(os.path.join(cache, f)).st_mtime_ns for f in files} == mtimes
+    # a missing CAM file rejects that id only
+    ok2, rejects2 = build_affinity_labels(cfg, aff_ckpt["cams"] + "-missing", ds, cache + "-new",
+                                          ids=ds.ids[:2], progress=False)
+    assert ok2 == [] and [r[0] for r in rejects2] == ds.ids[:2] and "CAM file missing" in rejects2[0][1]
+
+
+def test_random_walk_stage_and_full_pipeline(aff_ckpt, cam_ckpt, synth_root, tmp_path):
+    from wsss.cam import load_cam
+    from wsss.data import open_dataset
+
+    cfg = _cfg()
+    net, acfg, meta = load_affinity_model(aff_ckpt["ckpt"], "cpu")
+    assert not net.training
+    stage = RandomWalkStage(aff_ckpt["ckpt"], cfg, device="cpu")
+    ds = open_dataset(str(synth_root), "train")
+    i = ds.ids[0]
+    image = ds.load_image(i)
+    cam, keys = load_cam(os.path.join(aff_ckpt["cams"], f"{i}.npz"))
+    probs, k = stage(image, cam, keys)
+    assert probs.shape == (len(keys) + 1,) + image.shape[:2]
+    assert k[0] == 0 and list(k[1:]) == list(keys)
+    assert np.allclose(probs.sum(0), 1, atol=1e-4)
+    with pytest.raises(ValueError, match="does not match"):
+        stage(image[:-8], cam, keys)
+
+    out = tmp_path / "pl"
+    res = pseudolabel(cfg, cam_ckpt, str(synth_root), str(out), affinity=aff_ckpt["ckpt"],
+                      stages=("cam", "rw", "crf"), split="val", progress=False)
+    assert res["n_written"] == len(open_dataset(str(synth_root), "val").ids) and res["n_rejected"] == 0
+    rows = _read(out / "results.parquet")
+    assert all(r["sec_rw"] > 0 and r["sec_crf"] > 0 for r in rows)
+
+
+def test_affinity_checkpoint_kind_is_checked(cam_ckpt):
+    with pytest.raises(ValueError, match="affinity"):
+        load_affinity_model(cam_ckpt, "cpu")
+
+
+# ---- S3 output ----------------------------------------------------------------------------------------------
+
+def test_pseudolabel_to_s3(cam_ckpt, synth_root, s3_server):
+    from wsss.data import fs
+    from wsss.data.io import decode_mask
+
+    out = s3_server.unique_uri("pseudolabel")
+    res = pseudolabel(_cfg(), cam_ckpt, str(synth_root), out, stages=("cam", "crf"), split="val",
+                      progress=False, max_images=3)
+    assert res["n_written"] == 3
+    names = fs.listdir(out)
+    pngs = [n for n in names if n.endswith(".png")]
+    assert len(pngs) == 3 and "results.parquet" in names and "rejects.parquet" in names
+    decode_mask(fs.read_bytes(fs.join(out, pngs[0])), pngs[0])
+    rows = pq.read_table(io.BytesIO(fs.read_bytes(fs.join(out, "results.parquet")))).to_pylist()
+    assert len(rows) == 3
+    res2 = pseudolabel(_cfg(), cam_ckpt, str(synth_root), out, stages=("cam", "crf"), split="val",
+                       progress=False, max_images=3)
+    assert res2["n_written"] == 0 and res2["n_skipped"] == 3
