@@ -5,7 +5,7 @@ Per-image file format (``<out>/<id>.npz``, written atomically):
   ``cam``  float16 (K', H, W) in [0, 1] at the image's resolution, one plane per positive class of the image;
   ``keys`` int16 (K',) the class index of each plane in the dataset's class_names (1..K, 0 = background never stored);
   ``hw``   int32 (2,) the image height and width.
-Labels come from the background threshold: label = keys[argmax] where max >= bg_threshold, else 0.
+Labels come from the background threshold: label = keys[argmax] where max > bg_threshold (ties go to background, as SEAM), else 0.
 """
 from __future__ import annotations
 

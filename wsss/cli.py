@@ -216,9 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     # Cluster forms are handed whole to the Ray entrypoint.
     verbs = [a for a in argv if not a.startswith("-")]
     if verbs and verbs[0] in CLUSTER_VERBS and "--cluster" in argv:
-        rest = argv[argv.index(verbs[0]) + 1:]
-        rest.remove("--cluster")
-        return _job(CLUSTER_VERBS[verbs[0]], rest)
+        # --cluster stays: the entrypoints then join the running cluster (RAY_ADDRESS or auto)
+        return _job(CLUSTER_VERBS[verbs[0]], argv[argv.index(verbs[0]) + 1:])
     if verbs and verbs[0] in ("shard", "tune", "demo"):
         return _job(verbs[0], argv[argv.index(verbs[0]) + 1:])
     args = build_parser().parse_args(argv)

@@ -60,6 +60,8 @@ class MethodConfig:
     w_eq: float = 1.0
     w_ce: float = 1.0
     ecr_topk: float = 0.2               # SEAM public code: ECR averaged over the hardest 20 %
+    warmup_steps: int = 0               # ramp w_eq/w_ce linearly from 0 over this many steps (0 = papers:
+                                        # off). For backbones trained from scratch, e.g. the synthetic set.
 
 
 @dataclass
@@ -73,6 +75,7 @@ class OptimConfig:
     epochs: int = 8                     # DAEN/SEAM: 8 epochs
     max_steps: int | None = None        # cap on steps (None: epochs decide)
     amp: bool = True                    # autocast on CUDA only
+    clip_grad_norm: float | None = None # clip the gradient norm (None: off, as the papers)
 
 
 @dataclass
@@ -168,7 +171,10 @@ class Config:
                "method.sse_scales", self.method.sse_scales, "non-empty, each in (0, 1)")
         for k in ("w_cla", "w_eq", "w_ce"):
             _check(getattr(self.method, k) >= 0, f"method.{k}", getattr(self.method, k), ">= 0")
+        _check(self.method.warmup_steps >= 0, "method.warmup_steps", self.method.warmup_steps, ">= 0")
         _check(0 < self.method.ecr_topk <= 1, "method.ecr_topk", self.method.ecr_topk, "in (0, 1]")
+        _check(self.optim.clip_grad_norm is None or self.optim.clip_grad_norm > 0, "optim.clip_grad_norm",
+               self.optim.clip_grad_norm, "> 0 or null")
         _check(self.optim.lr > 0, "optim.lr", self.optim.lr, "> 0")
         _check(self.optim.batch_size >= 1, "optim.batch_size", self.optim.batch_size, ">= 1")
         _check(self.optim.epochs >= 1, "optim.epochs", self.optim.epochs, ">= 1")

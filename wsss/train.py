@@ -46,9 +46,18 @@ class Objective(nn.Module):
         self.net = net
         self.cfg = cfg
         self.rng = random.Random(cfg.seed)
+        self.steps_seen = 0  # training forwards so far (drives method.warmup_steps)
+
+    def ramp(self) -> float:
+        """Weight multiplier of L_eq and L_ce: 1, or a linear warm-up over ``method.warmup_steps``."""
+        w = self.cfg.method.warmup_steps
+        return 1.0 if w <= 0 else min(1.0, self.steps_seen / w)
 
     def forward(self, image: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         cfg, m = self.cfg, self.cfg.method
+        ramp = self.ramp()
+        if self.training:
+            self.steps_seen += 1
         out1 = self.net(image)
         l_cla1 = losses.classification_loss(out1["logits"], labels)
         zero = image.new_zeros(()).float()
@@ -67,7 +76,7 @@ class Objective(nn.Module):
             rv1 = A.apply_to(losses.max_norm(out1["cam_rv"]), size2) * lab
             rv2 = losses.max_norm(out2["cam_rv"]) * lab
             l_ce = losses.cross_equivariant_loss(cam1, rv1, cam2, rv2, m.ecr_topk)
-        loss = m.w_cla * l_cla + m.w_eq * l_eq + m.w_ce * l_ce
+        loss = m.w_cla * l_cla + ramp * (m.w_eq * l_eq + m.w_ce * l_ce)
         return {"loss": loss, "cla": l_cla, "eq": l_eq, "ce": l_ce}
 
 
@@ -117,6 +126,8 @@ def train_step(objective: nn.Module, batch: dict, cfg: Config, optimizer: torch.
     if optimizer is not None:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if cfg.optim.clip_grad_norm:
+            torch.nn.utils.clip_grad_norm_(objective.parameters(), cfg.optim.clip_grad_norm)
         optimizer.step()
     return loss.detach(), {k: float(v.detach()) for k, v in terms.items()}
 
