@@ -18,6 +18,8 @@ import sys
 
 import numpy as np
 
+from wsss.metrics import json_safe  # NaN -> null, the same JSON as `wsss evaluate`
+
 SHARD_COLUMNS = ["id", "mask", "width", "height"]
 
 
@@ -68,16 +70,6 @@ def confusion_block(batch: dict, pred_uri: str, num_classes: int) -> dict:
     return {"conf": conf, "n": np.asarray([n], np.int64),
             "missing": np.asarray([json.dumps(missing)], dtype=object),
             "rejects": np.asarray([json.dumps(rejects)], dtype=object)}
-
-
-def _json_safe(obj):
-    if isinstance(obj, float) and obj != obj:
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
 
 
 def run_evaluate(pred_uri: str, shards_uri: str, json_path: str | None = None, address: str | None = None,
@@ -136,7 +128,7 @@ def run_evaluate(pred_uri: str, shards_uri: str, json_path: str | None = None, a
            "missing": sorted(missing), "rejects": sorted(rejects), "pred_dir": str(pred_uri),
            "data_root": str(shards_uri), "confusion": total.tolist()}
     if json_path is not None:
-        fs.write_bytes(json_path, (json.dumps(_json_safe(out), indent=2) + "\n").encode())
+        fs.write_bytes(json_path, (json.dumps(json_safe(out), indent=2) + "\n").encode())
     return out
 
 
@@ -178,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     if res["missing"]:
         print(f"missing predictions: {len(res['missing'])} (first: {', '.join(res['missing'][:5])})", file=sys.stderr)
     summary = {k: v for k, v in res.items() if k != "confusion"}
-    print(json.dumps(_json_safe(summary), indent=2))
+    print(json.dumps(json_safe(summary), indent=2))
     return 0
 
 

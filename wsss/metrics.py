@@ -269,15 +269,15 @@ def evaluate_folder(pred_dir: str, data_root: str, split: str | None = None, jso
            "pixel_accuracy": res["pixel_accuracy"], "n_images": n, "split": ds.split, "missing": missing,
            "rejects": rejects, "pred_dir": str(pred_dir), "data_root": str(data_root)}
     if json_path is not None:
-        fs.write_bytes(json_path, (json.dumps(_json_safe(out), indent=2) + "\n").encode())
+        fs.write_bytes(json_path, (json.dumps(json_safe(out), indent=2) + "\n").encode())
     return out
 
 
-def _json_safe(obj):
+def json_safe(obj):
     if isinstance(obj, float) and obj != obj:
         return None
     if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
     return obj
