@@ -39,7 +39,6 @@ bench: venv
 	$(PY) -m bench.bench_cam_methods
 	$(PY) -m bench.bench_random_walk
 	$(PY) -m bench.bench_crf
-	$(PY) -m bench.bench_refine_quality
 	$(PY) -m bench.bench_train_overhead
 	$(PY) -m bench.bench_pipeline
 
