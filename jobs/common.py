@@ -236,3 +236,21 @@ def dump_json_line(obj: Any) -> str:
     import json
 
     return redact(json.dumps(obj, default=str, sort_keys=True))
+
+
+def start_job(args, verb: str):
+    """Shared start of the config-driven jobs (train, tune): logging, config (a bad key is a one-line error,
+    returned as None), Ray init from --cluster/--address, quiet Ray Data progress. Returns the config or None."""
+    import sys
+
+    from wsss.config import ConfigError, load
+
+    setup_logging(args.log_level)
+    try:
+        cfg = load(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"{verb}: error: {e}", file=sys.stderr)
+        return None
+    init_ray(resolve_address(args.cluster, args.address), num_cpus=args.num_cpus)
+    quiet_data_progress()
+    return cfg

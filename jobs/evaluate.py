@@ -18,6 +18,7 @@ import sys
 
 import numpy as np
 
+from jobs import common
 from wsss.metrics import json_safe  # NaN -> null, the same JSON as `wsss evaluate`
 
 SHARD_COLUMNS = ["id", "mask", "width", "height"]
@@ -138,9 +139,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pred", required=True, help="folder / s3:// prefix with <id>.png predictions")
     p.add_argument("--data", required=True, help="shard folder (manifest.json + Parquet shards), local or s3://")
     p.add_argument("--json", default=None, help="write the result JSON here (local or s3://)")
-    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a private local cluster)")
-    p.add_argument("--cluster", action="store_true", help="join the running cluster (RAY_ADDRESS or auto)")
-    p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a private local cluster")
+    common.add_cluster_args(p)
     return p
 
 

@@ -453,17 +453,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from wsss.config import ConfigError, load
+    from wsss.config import ConfigError
 
     args = build_parser().parse_args(argv)
-    common.setup_logging(args.log_level)
-    try:
-        cfg = load(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"train: error: {e}", file=sys.stderr)
+    cfg = common.start_job(args, "train")
+    if cfg is None:
         return 2
-    common.init_ray(common.resolve_address(args.cluster, args.address), num_cpus=args.num_cpus)
-    common.quiet_data_progress()
     try:
         res = run_training(cfg, args.data, args.storage, args.name, num_workers=args.num_workers,
                            use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,

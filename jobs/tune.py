@@ -270,17 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from wsss.config import ConfigError, load
+    from wsss.config import ConfigError
 
     args = build_parser().parse_args(argv)
-    common.setup_logging(args.log_level)
-    try:
-        cfg = load(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"tune: error: {e}", file=sys.stderr)
+    cfg = common.start_job(args, "tune")
+    if cfg is None:
         return 2
-    common.init_ray(common.resolve_address(args.cluster, args.address), num_cpus=args.num_cpus)
-    common.quiet_data_progress()
     try:
         res = run_search(cfg, args.data, args.storage, args.name, args.num_samples, args.best_config,
                          val_uri=args.val, max_concurrent=args.max_concurrent, grace_period=args.grace_period,
