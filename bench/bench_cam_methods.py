@@ -1,10 +1,14 @@
 """CAM quality of cam / seam / daen (attention none, channel, spatial, csm) on the synthetic set — the analogue of
 the DAEN paper's Table 1 — with a fixed training budget and several seeds.
 
-    python -m bench.bench_cam_methods [--seeds 3] [--steps 300] [--images 240] [--size 96]
+    python -m bench.bench_cam_methods [--seeds 3] [--steps 1000] [--images 1200] [--size 64] [--init scratch,cam]
 
 Prints a markdown table (CAM mIoU mean ± std over seeds, best background threshold, seconds per training step)
-and writes it to bench/results/cam_methods.md. Each variant trains from scratch on the CPU with the `tiny` backbone.
+and writes it to bench/results/cam_methods.md. ``--init``:
+- ``scratch``: each variant trains from random init on the CPU with the `tiny` backbone (configs/synth_daen.yaml);
+- ``cam``: the analogue of the papers' ImageNet initialisation: each variant starts from the backbone of the
+  ``scratch`` plain-CAM run of the same seed and trains ``--steps`` more with the papers' optimisation (lr 0.01, new
+  layers x10, no ER warm-up, no gradient clipping). ``cam`` therefore needs ``scratch`` with the ``cam`` variant.
 """
 from __future__ import annotations
 
@@ -30,6 +34,14 @@ VARIANTS = [  # (label, paper name, overrides)
 ]
 
 
+def cam_backbone(ckpt: Path) -> str:
+    """Write the backbone of a CAM checkpoint as a state_dict for ``model.pretrained``; returns its path."""
+    state = torch.load(ckpt / "model.pt", map_location="cpu", weights_only=True)
+    out = ckpt / "backbone.pt"
+    torch.save({k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}, out)
+    return str(out)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=3)
@@ -38,28 +50,38 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs/synth_daen.yaml"))
     ap.add_argument("--variants", default=",".join(v[0] for v in VARIANTS))
+    ap.add_argument("--init", default="scratch,cam", help="scratch, cam or both (see the module docstring)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results/cam_methods.md"))
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     wanted = set(args.variants.split(","))
+    inits = [i for i in ("scratch", "cam") if i in args.init.split(",")]
+    if "cam" in inits and ("scratch" not in inits or "cam" not in wanted):
+        ap.error("--init cam needs --init scratch and the cam variant (its checkpoints are the initialisation)")
     work = Path(tempfile.mkdtemp(prefix="wsss-bench-"))
     data = work / "synth"
     make_synthetic(str(data), num_images=args.images, size=args.size, seed=1234, val_fraction=0.1)
     val = open_dataset(str(data), "val")
     rows = []
     untrained = None
-    for name, paper, ov in VARIANTS:
+    for init, (name, paper, ov) in [(i, v) for i in inits for v in VARIANTS]:
         if name not in wanted:
             continue
         mious, thrs, spstep = [], [], []
         for seed in range(args.seeds):
+            extra, run = [], work / f"{name}-{seed}"
+            if init == "cam":
+                extra = [f"model.pretrained={cam_backbone(work / f'cam-{seed}')}", "optim.lr=0.01",
+                         "optim.new_lr_mult=10", "method.warmup_steps=0", "optim.clip_grad_norm=null"]
+                run = work / f"{name}-{seed}-init-cam"
             cfg = config.load(args.config, ov + [f"seed={seed}", f"optim.max_steps={args.steps}",
-                                                 f"data.root={data}", "optim.epochs=1000"])
-            res = train(cfg, str(work / f"{name}-{seed}"), progress=False, val_dataset=val, eval_max_images=10**6)
+                                                 f"data.root={data}", "optim.epochs=1000"] + extra)
+            res = train(cfg, str(run), progress=False, val_dataset=val, eval_max_images=10**6)
             mious.append(res["val_cam_miou"])
             thrs.append(res["val_best_threshold"])
             spstep.append(res["train_seconds"] / max(res["steps"], 1))
-            print(f"{name} seed {seed}: CAM mIoU {100 * res['val_cam_miou']:.2f}% thr {res['val_best_threshold']:.2f} "
+            print(f"{name} ({init}) seed {seed}: CAM mIoU {100 * res['val_cam_miou']:.2f}% "
+                  f"thr {res['val_best_threshold']:.2f} "
                   f"loss {res['loss_first']:.3f}->{res['loss_last']:.3f} {spstep[-1]:.3f}s/step", flush=True)
             if untrained is None:
                 from wsss.train import build_model
@@ -68,18 +90,19 @@ def main(argv=None) -> int:
                 net = build_model(cfg, val.num_classes).eval()
                 untrained = evaluate_cams(net, cfg, val)["miou"]
         sd = statistics.stdev(mious) if len(mious) > 1 else 0.0
-        rows.append((name, paper, statistics.mean(mious), sd, statistics.mean(thrs), statistics.mean(spstep),
+        rows.append((name, paper, init, statistics.mean(mious), sd, statistics.mean(thrs), statistics.mean(spstep),
                      mious))
     lines = [f"CAM mIoU on the synthetic val split ({len(val)} images, {args.size}px), {args.steps} steps, "
              f"batch from {Path(args.config).name}, {args.seeds} seeds, tiny backbone, CPU.",
-             "", "| variant | paper row | CAM mIoU % (mean ± std) | per seed | best bg thr | s/step |",
-             "|---|---|---|---|---|---|"]
-    for name, paper, m, sd, thr, sps, per in rows:
-        lines.append(f"| {name} | {paper} | {100 * m:.2f} ± {100 * sd:.2f} | "
+             "", "| variant | paper row | init | CAM mIoU % (mean ± std) | per seed | best bg thr | s/step |",
+             "|---|---|---|---|---|---|---|"]
+    for name, paper, init, m, sd, thr, sps, per in rows:
+        lines.append(f"| {name} | {paper} | {init} | {100 * m:.2f} ± {100 * sd:.2f} | "
                      f"{' / '.join(f'{100 * v:.1f}' for v in per)} | {thr:.2f} | {sps:.3f} |")
-    lines.append(f"| untrained net | — | {100 * (untrained or 0):.2f} | | | |")
+    lines.append(f"| untrained net | — | random | {100 * (untrained or 0):.2f} | | | |")
     table = "\n".join(lines)
     print(table)
+    print(f"work folder (checkpoints for bench.bench_refine_quality --work): {work}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(table + "\n\nCommand: `python -m bench.bench_cam_methods "
                               + " ".join(argv or []) + "`\n")

@@ -19,7 +19,7 @@ from pathlib import Path
 STAGES = ("CAM", "+RW", "+CRF", "+RW+CRF")
 
 
-def run_one(ckpt: Path, data: str, aff_steps: int, max_val: int) -> dict[str, float]:
+def run_one(ckpt: Path, data: str, aff_steps: int, max_val: int, rw_overrides: list[str]) -> dict[str, float]:
     from wsss import config
     from wsss.affinity_train import train_affinity
     from wsss.cam import infer_cams
@@ -31,8 +31,10 @@ def run_one(ckpt: Path, data: str, aff_steps: int, max_val: int) -> dict[str, fl
     thr = float(metrics.get("val_best_threshold", 0.5))
     cams = ckpt.parent / f"{ckpt.name}-cams-train"
     infer_cams(str(ckpt), data, str(cams), split="train", progress=False)
+    base = config.load(ckpt / "config.yaml", rw_overrides)
     cfg = config.load(ckpt / "config.yaml", [f"affinity.max_steps={aff_steps}", "affinity.epochs=1000",
-                                             f"affinity.crop={config.load(ckpt / 'config.yaml').data.crop}"])
+                                             f"affinity.crop={base.data.crop * base.affinity.upscale}"]
+                      + rw_overrides)
     aff = train_affinity(cfg, str(cams), data, str(ckpt.parent / f"{ckpt.name}-affinity"), split="train",
                          progress=False)
     val = open_dataset(data, "val")
@@ -58,6 +60,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--aff-steps", type=int, default=300)
     ap.add_argument("--max-val", type=int, default=120)
+    ap.add_argument("--init", default="scratch", help="scratch or cam: which checkpoints of bench_cam_methods")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config overrides for the refinement (e.g. rw.logt=4), repeatable")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results/refine_quality.md"))
     args = ap.parse_args(argv)
     work = Path(args.work)
@@ -66,17 +71,19 @@ def main(argv=None) -> int:
     for method in args.methods.split(","):
         per_seed = []
         for seed in range(args.seeds):
-            ckpt = work / f"{method}-{seed}"
+            ckpt = work / (f"{method}-{seed}" + ("-init-cam" if args.init == "cam" else ""))
             if not (ckpt / "model.pt").exists():
                 print(f"skip {ckpt}: no checkpoint")
                 continue
-            r = run_one(ckpt, data, args.aff_steps, args.max_val)
+            r = run_one(ckpt, data, args.aff_steps, args.max_val, list(args.set))
             print(method, seed, {k: round(100 * v, 2) for k, v in r.items()}, flush=True)
             per_seed.append(r)
         if per_seed:
             rows.append((method, per_seed))
     lines = [f"mIoU % on the synthetic val split (first {args.max_val} images), CAM checkpoints of "
-             f"bench.bench_cam_methods, AffinityNet {args.aff_steps} steps, mean ± std over seeds.", "",
+             f"bench.bench_cam_methods (init {args.init}), AffinityNet {args.aff_steps} steps, refinement settings "
+             f"of configs/synth_daen.yaml{' with ' + ', '.join(args.set) if args.set else ''}, mean ± std over "
+             "seeds.", "",
              "| method | " + " | ".join(STAGES) + " |", "|---|" + "---|" * len(STAGES)]
     for method, per_seed in rows:
         cells = []

@@ -9,8 +9,8 @@ import pytest
 
 from wsss.data import open_dataset
 from wsss.data.io import encode_label_png
-from wsss.metrics import (SEAM_THRESHOLDS, ConfusionMatrix, cam_to_label, evaluate_folder, format_table,
-                          iou_from_confusion, threshold_sweep)
+from wsss.metrics import (DEFAULT_THRESHOLDS, SEAM_THRESHOLDS, ConfusionMatrix, cam_to_label, evaluate_folder,
+                          format_table, iou_from_confusion, threshold_sweep)
 
 NAMES3 = ["background", "a", "b"]
 
@@ -71,11 +71,12 @@ def test_threshold_sweep_finds_known_best():
     assert r["best_threshold"] == pytest.approx(0.30)  # perfect on [0.30, 0.45); the first such threshold
     assert r["miou"] == pytest.approx(1.0)
     assert r["per_class"]["a"] is None and r["absent"] == ["a"]
-    assert len(r["curve"]) == len(SEAM_THRESHOLDS) == 60 and r["n_images"] == 2
+    assert len(r["curve"]) == len(DEFAULT_THRESHOLDS) == 96 and r["n_images"] == 2
+    assert list(DEFAULT_THRESHOLDS[:60]) == list(SEAM_THRESHOLDS) and DEFAULT_THRESHOLDS[-1] == 0.95
     curve = dict(r["curve"])
     assert curve[0.2] < 1.0 and curve[0.45] < 1.0 and curve[0.44] == pytest.approx(1.0)
     # each curve point equals a direct evaluation at that threshold
-    for t in (0.0, 0.25, 0.3, 0.47, 0.59):
+    for t in (0.0, 0.25, 0.3, 0.47, 0.59, 0.95):
         cm = ConfusionMatrix(3).update(gt, cam_to_label(cam, keys, t))
         assert curve[t] == pytest.approx(iou_from_confusion(cm, NAMES3)["miou"])
     # mismatched pairs are skipped and reported

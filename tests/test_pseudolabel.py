@@ -219,6 +219,43 @@ def test_random_walk_stage_and_full_pipeline(aff_ckpt, cam_ckpt, synth_root, tmp
     assert all(r["sec_rw"] > 0 and r["sec_crf"] > 0 for r in rows)
 
 
+def test_upscaled_affinity_walks_on_a_finer_grid(aff_ckpt, synth_root, tmp_path):
+    """affinity.upscale 2: AffinityNet trains on 2x images and the walk runs on a grid of 4 input pixels."""
+    from wsss.affinity_train import AffinityTrainDataset, train_affinity
+    from wsss.cam import load_cam
+    from wsss.checkpoint import load_checkpoint
+    from wsss.data import open_dataset
+
+    cfg = _cfg()
+    cfg.affinity.upscale = 2
+    cfg.affinity.crop = 128
+    ds = open_dataset(str(synth_root), "train")
+    lab_dir = os.path.join(aff_ckpt["ckpt"], "affinity_labels")
+    tds = AffinityTrainDataset(ds, ds.ids[:2], lab_dir, cfg.data, 128, upscale=2)
+    item = tds[0]
+    h, w = ds.image_hw(item["id"])
+    # the long side is resized into resize_long x 2 (the image is smaller than the 128 crop, so it sits inside it)
+    lo, hi = (2 * v for v in cfg.data.resize_long)
+    inside = (item["label"] != 255).nonzero()
+    span = max(int(inside[:, 0].max() - inside[:, 0].min()), int(inside[:, 1].max() - inside[:, 1].min())) + 1
+    assert lo - 2 <= span <= hi and item["image"].shape == (3, 128, 128)
+    out = train_affinity(cfg, aff_ckpt["cams"], str(synth_root), str(tmp_path / "aff2"), split="train",
+                         progress=False)
+    assert load_checkpoint(out)[2]["upscale"] == 2
+    stage = RandomWalkStage(out, _cfg(), device="cpu")  # the upscale comes from the affinity checkpoint
+    assert (stage.upscale, stage.stride) == (2, 4)
+    i = ds.ids[0]
+    image = ds.load_image(i)
+    aff = stage.affinities(image)
+    assert tuple(aff.shape[1:]) == (-(-image.shape[0] // 4), -(-image.shape[1] // 4))
+    cam, keys = load_cam(os.path.join(aff_ckpt["cams"], f"{i}.npz"))
+    probs, k = stage(image, cam, keys)
+    assert probs.shape == (len(keys) + 1,) + image.shape[:2] and np.allclose(probs.sum(0), 1, atol=1e-4)
+    with pytest.raises(Exception, match="affinity.upscale"):
+        from wsss import config as _c
+        _c.from_dict({"affinity": {"upscale": 3}})
+
+
 def test_affinity_checkpoint_kind_is_checked(cam_ckpt):
     with pytest.raises(ValueError, match="affinity"):
         load_affinity_model(cam_ckpt, "cpu")

@@ -90,13 +90,14 @@ def build_affinity_labels(cfg: Config, cams_dir: str, dataset, cache_dir: str, i
 class AffinityTrainDataset(TorchDataset):
     """Image + affinity label crops: {"image": float (3, c, c), "label": long (c, c) (255 = ignore), "id"}.
 
-    Joint augmentation (AffinityNet): random long-side resize in data_cfg.resize_long (image bilinear, label
-    nearest), horizontal flip, brightness/contrast/saturation jitter (data_cfg.color_jitter[:3]), ImageNet
-    normalisation, random crop of ``crop`` (image padded with 0 = the mean colour, label with 255).
+    Joint augmentation (AffinityNet): random long-side resize in data_cfg.resize_long x ``upscale`` (image
+    bilinear, label nearest; ``upscale`` = cfg.affinity.upscale), horizontal flip, brightness/contrast/saturation
+    jitter (data_cfg.color_jitter[:3]), ImageNet normalisation, random crop of ``crop`` (image padded with 0 = the mean colour, label with 255).
     A bad item is recorded in ``.rejects`` and replaced by another one.
     """
 
-    def __init__(self, dataset, ids: list[str], cache_dir: str, data_cfg, crop: int, seed: int = 0):
+    def __init__(self, dataset, ids: list[str], cache_dir: str, data_cfg, crop: int, seed: int = 0,
+                 upscale: int = 1):
         if not ids:
             raise ValueError("affinity training: no image has an affinity label (see the rejects)")
         self.dataset = dataset
@@ -105,6 +106,7 @@ class AffinityTrainDataset(TorchDataset):
         self.data_cfg = data_cfg
         self.crop = int(crop)
         self.seed = int(seed)
+        self.upscale = int(upscale)
         self.rejects: list[tuple[str, str]] = []
         self._calls = 0
 
@@ -140,7 +142,7 @@ class AffinityTrainDataset(TorchDataset):
         from wsss.data.transforms import normalize
 
         H, W = label.shape
-        lo, hi = self.data_cfg.resize_long
+        lo, hi = (v * self.upscale for v in self.data_cfg.resize_long)
         target = int(rng.integers(lo, hi + 1))
         s = target / max(H, W)
         nh, nw = max(1, int(round(H * s))), max(1, int(round(W * s)))
@@ -218,7 +220,8 @@ def train_affinity(cfg: Config, cams_dir: str, data_root: str, out: str, split: 
     ids, rejects = build_affinity_labels(cfg, cams_dir, dataset, cache_dir, progress=progress)
     t_labels = time.perf_counter() - t_labels
     rejects = list(getattr(dataset, "rejects", []) or []) + rejects
-    train_ds = AffinityTrainDataset(dataset, ids, cache_dir, cfg.data, cfg.affinity.crop, seed=cfg.seed)
+    train_ds = AffinityTrainDataset(dataset, ids, cache_dir, cfg.data, cfg.affinity.crop, seed=cfg.seed,
+                                    upscale=cfg.affinity.upscale)
 
     a = cfg.affinity
     bs = min(int(a.batch_size), len(train_ds))
@@ -287,7 +290,7 @@ def train_affinity(cfg: Config, cams_dir: str, data_root: str, out: str, split: 
                "loss_last": history[-1]["loss"] if history else None, "history": history,
                "rejects": [list(r) for r in rejects]}
     meta = {"kind": "affinity", "class_names": list(dataset.class_names), "step": step, "epoch": len(history),
-            "radius": int(a.radius), "cams_dir": str(cams_dir)}
+            "radius": int(a.radius), "upscale": int(a.upscale), "cams_dir": str(cams_dir)}
     save_checkpoint(out, net, cfg, meta=meta, metrics=metrics)
     return out
 

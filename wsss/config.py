@@ -97,6 +97,9 @@ class AffinityConfig:
     max_steps: int | None = None
     lr: float = 0.1                     # AffinityNet training lr (PSA)
     weight_decay: float = 5e-4
+    # AffinityNet sees images upscaled by this factor (1, 2 or 4) in training and in the walk, so its stride-8 grid
+    # is 8/upscale input pixels. 1 = AffinityNet; small images (the synthetic set's 64 px -> an 8x8 grid) need more.
+    upscale: int = 1
 
 
 @dataclass
@@ -192,6 +195,7 @@ class Config:
         _check(self.rw.beta >= 0, "rw.beta", self.rw.beta, ">= 0")
         _check(self.rw.radius >= 1, "rw.radius", self.rw.radius, ">= 1")
         _check(self.affinity.radius >= 1, "affinity.radius", self.affinity.radius, ">= 1")
+        _check(self.affinity.upscale in (1, 2, 4), "affinity.upscale", self.affinity.upscale, "1, 2 or 4")
         _check(self.crf.iters >= 1, "crf.iters", self.crf.iters, ">= 1")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
                self.device, "auto, cpu, cuda or cuda:N")

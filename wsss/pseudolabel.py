@@ -79,7 +79,8 @@ def load_affinity_model(checkpoint: str, device=None, radius: int = 5):
 class RandomWalkStage:
     """(image, cam (K',H,W), keys (K',)) -> (probs float32 (K'+1,H,W), keys (K'+1,) with keys[0] = 0).
 
-    AffinityNet affinities on the stride-8 grid of the image (padded to a multiple of 8), background
+    AffinityNet affinities on the stride-8 grid of the image upscaled by the affinity checkpoint's
+    ``affinity.upscale`` u (padded to a multiple of 8), i.e. one grid cell per 8/u input pixels; background
     (1 - max)^cfg.rw.bg_alpha, CAM average-pooled to the grid, sparse random walk (beta = cfg.rw.beta,
     t = 2^cfg.rw.logt, radius cfg.rw.radius), bilinear upsampling, per-pixel normalisation.
     """
@@ -89,10 +90,12 @@ class RandomWalkStage:
         dev = torch.device(device) if device is not None else resolve_device(cfg)
         self.net, self.aff_cfg, self.meta = load_affinity_model(affinity_checkpoint, dev, radius=cfg.rw.radius)
         self.device = dev
+        self.upscale = int(getattr(self.aff_cfg.affinity, "upscale", 1) or 1)
+        self.stride = 8 // self.upscale  # input pixels per grid cell
 
     @torch.no_grad()
     def affinities(self, image: np.ndarray) -> torch.Tensor:
-        """(P, h, w) pair affinities of the image on the stride-8 grid (on self.device)."""
+        """(P, h, w) pair affinities of the image on the grid of ``self.stride`` input pixels (on self.device)."""
         from wsss.data.transforms import normalize
         from wsss.models.affinity_net import pair_affinities
         from wsss.train import autocast
@@ -100,6 +103,9 @@ class RandomWalkStage:
         H, W = image.shape[:2]
         s = 8
         x = normalize(image).unsqueeze(0).to(self.device)
+        if self.upscale != 1:
+            H, W = H * self.upscale, W * self.upscale
+            x = torch.nn.functional.interpolate(x, size=(H, W), mode="bilinear", align_corners=False)
         ph, pw = (-H) % s, (-W) % s
         if ph or pw:
             x = torch.nn.functional.pad(x, (0, pw, 0, ph))  # zeros = the mean colour after normalisation
@@ -118,7 +124,7 @@ class RandomWalkStage:
         aff = self.affinities(image)
         rw = self.cfg.rw
         probs = walk_cam(torch.from_numpy(cam).to(self.device), aff, radius=rw.radius, beta=rw.beta,
-                         logt=rw.logt, bg_alpha=rw.bg_alpha)
+                         logt=rw.logt, bg_alpha=rw.bg_alpha, stride=self.stride)
         full_keys = np.concatenate([[0], np.asarray(keys, dtype=np.int64).reshape(-1)])
         return probs.float().cpu().numpy(), full_keys
 
