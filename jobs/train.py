@@ -151,7 +151,8 @@ def train_loop_per_worker(config: dict) -> None:
     from wsss.checkpoint import save_checkpoint
     from wsss.config import from_dict
     from wsss.data.transforms import TrainTransform
-    from wsss.train import Objective, build_model, build_optimizer, seed_everything, set_lr, train_step
+    from wsss.train import (Objective, build_model, build_optimizer, grad_scaler, seed_everything, set_lr,
+                            train_step)
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -171,6 +172,7 @@ def train_loop_per_worker(config: dict) -> None:
     net = build_model(cfg, len(class_names))
     objective = Objective(net, cfg)
     optimizer = build_optimizer(net, cfg)
+    scaler = grad_scaler(device, cfg.optim.amp)  # fp16 autocast only (GPUs without bf16)
     start_epoch, step, history = 0, 0, []
     ckpt = ray.train.get_checkpoint()
     ts = None
@@ -232,7 +234,7 @@ def train_loop_per_worker(config: dict) -> None:
                 batch = last_batch
             last_batch = batch
             lr = set_lr(optimizer, cfg, step, total)
-            _, m = train_step(model, batch, cfg, optimizer, device)
+            _, m = train_step(model, batch, cfg, optimizer, device, scaler)
             if step_sleep:
                 time.sleep(step_sleep)
             for k, v in m.items():

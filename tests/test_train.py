@@ -121,3 +121,31 @@ def test_cli_end_to_end(trained, train_root, tmp_path, capsys):
     assert main(["evaluate", "--cams", str(cams), "--data", train_root, "--split", "val"]) == 0
     assert main(["train", "--config", str(CFG), "--set", "optim.max_steps=oops"]) == 2
     assert "optim.max_steps" in capsys.readouterr().err
+
+
+def test_backward_step_through_a_grad_scaler_matches_plain_step():
+    """The fp16 path (GradScaler: scale, unscale before clipping, step) updates exactly like the plain one; on the
+    CPU no scaler is made (bf16/fp32 need none). A CPU GradScaler stands in for the CUDA one here."""
+    from wsss.train import backward_step, grad_scaler
+
+    assert grad_scaler(torch.device("cpu"), True) is None
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 5), torch.randn(16, 3)
+    nets = [torch.nn.Linear(5, 3), torch.nn.Linear(5, 3)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    for clip in (None, 0.05):
+        for k, net in enumerate(nets):
+            opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+            scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12) if k else None
+            for _ in range(3):
+                loss = torch.nn.functional.mse_loss(net(x), y)
+                backward_step(loss, opt, net.parameters(), clip, scaler)
+        for p0, p1 in zip(nets[0].parameters(), nets[1].parameters()):
+            assert torch.allclose(p0, p1, atol=1e-6)
+    # a step whose scaled gradients overflow is skipped, not applied
+    net = nets[1]
+    before = [p.detach().clone() for p in net.parameters()]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    backward_step(net(x).sum() * float("inf"), opt, net.parameters(), None, scaler)
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters())) and scaler.get_scale() < 2.0 ** 12

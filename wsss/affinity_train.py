@@ -208,7 +208,7 @@ def train_affinity(cfg: Config, cams_dir: str, data_root: str, out: str, split: 
     from wsss.checkpoint import save_checkpoint
     from wsss.data import fs, open_dataset
     from wsss.models.affinity_net import AffinityNet, affinity_loss, pair_affinities
-    from wsss.train import autocast
+    from wsss.train import autocast, backward_step, grad_scaler
 
     out = str(out)
     torch.manual_seed(cfg.seed)
@@ -239,6 +239,7 @@ def train_affinity(cfg: Config, cams_dir: str, data_root: str, out: str, split: 
                       "pretrained weights (model.pretrained unset)", stacklevel=2)
     groups = net.param_groups(a.lr, a.weight_decay, cfg.optim.new_lr_mult)
     optimizer = torch.optim.SGD(groups, lr=a.lr, momentum=cfg.optim.momentum, weight_decay=a.weight_decay)
+    scaler = grad_scaler(device, cfg.optim.amp)  # fp16 autocast only (GPUs without bf16)
 
     history: list[dict] = []
     step = 0
@@ -265,9 +266,7 @@ def train_affinity(cfg: Config, cams_dir: str, data_root: str, out: str, split: 
             loss, terms = affinity_loss(aff, label, a.radius)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"affinity loss is {loss.item()} at step {step}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            backward_step(loss, optimizer, net.parameters(), None, scaler)
             vals = {"loss": float(loss.detach()), **{k: float(v) for k, v in terms.items()}}
             for k, v in vals.items():
                 sums[k] = sums.get(k, 0.0) + v

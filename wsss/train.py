@@ -103,17 +103,53 @@ def set_lr(optimizer: torch.optim.Optimizer, cfg: Config, step: int, max_steps: 
     return lr
 
 
+def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
+    """The autocast dtype: bf16 on CUDA where supported, else fp16 on CUDA; None (full precision) on the CPU."""
+    if enabled and device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return None
+
+
 def autocast(device: torch.device, enabled: bool):
     """Mixed precision on CUDA only (bf16 where supported); a no-op context on the CPU."""
-    if enabled and device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    dtype = amp_dtype(device, enabled)
+    if dtype is not None:
         return torch.autocast("cuda", dtype=dtype)
     return torch.autocast("cpu", enabled=False)
 
 
+def grad_scaler(device: torch.device, enabled: bool) -> "torch.amp.GradScaler | None":
+    """A GradScaler where autocast runs in fp16 (GPUs without bf16, e.g. V100/T4), whose small gradients would
+    underflow otherwise; None for bf16 and full precision, which need none."""
+    if amp_dtype(device, enabled) == torch.float16:
+        return torch.amp.GradScaler("cuda")
+    return None
+
+
+def backward_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, params, clip_grad_norm: float | None = None,
+                  scaler: "torch.amp.GradScaler | None" = None) -> None:
+    """zero_grad, backward, optional gradient-norm clipping, SGD step; through ``scaler`` when given (the
+    gradients are unscaled before clipping; a step with inf/nan gradients is skipped by the scaler)."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+        if clip_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
+        optimizer.step()
+        return
+    scaler.scale(loss).backward()
+    if clip_grad_norm:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+
+
 def train_step(objective: nn.Module, batch: dict, cfg: Config, optimizer: torch.optim.Optimizer | None = None,
-               device: torch.device | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Forward (and, with an optimizer, backward + SGD step) of one batch. Returns (loss, metrics)."""
+               device: torch.device | None = None, scaler: "torch.amp.GradScaler | None" = None
+               ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Forward (and, with an optimizer, backward + SGD step) of one batch. Returns (loss, metrics).
+    ``scaler``: the GradScaler of :func:`grad_scaler` (fp16 autocast only)."""
     device = device or next(objective.parameters()).device
     image = batch["image"].to(device, non_blocking=True)
     labels = batch["labels"].to(device, non_blocking=True).float()
@@ -124,11 +160,7 @@ def train_step(objective: nn.Module, batch: dict, cfg: Config, optimizer: torch.
         raise FloatingPointError(f"training loss is {loss.item()} (terms: "
                                  + ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items()) + ")")
     if optimizer is not None:
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.optim.clip_grad_norm:
-            torch.nn.utils.clip_grad_norm_(objective.parameters(), cfg.optim.clip_grad_norm)
-        optimizer.step()
+        backward_step(loss, optimizer, objective.parameters(), cfg.optim.clip_grad_norm, scaler)
     return loss.detach(), {k: float(v.detach()) for k, v in terms.items()}
 
 
@@ -188,6 +220,7 @@ def train(cfg: Config, out: str | None = None, dataset=None, progress: bool = Tr
     net = build_model(cfg, dataset.num_classes).to(device)
     objective = Objective(net, cfg).to(device)
     optimizer = build_optimizer(net, cfg)
+    scaler = grad_scaler(device, cfg.optim.amp)
     per_epoch, total = steps_for(cfg, len(train_ds))
     epochs = math.ceil(total / per_epoch)
     history: list[dict] = []
@@ -203,7 +236,7 @@ def train(cfg: Config, out: str | None = None, dataset=None, progress: bool = Tr
             if step >= total:
                 break
             lr = set_lr(optimizer, cfg, step, total)
-            _, metrics = train_step(objective, batch, cfg, optimizer, device)
+            _, metrics = train_step(objective, batch, cfg, optimizer, device, scaler)
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v
             n += 1
