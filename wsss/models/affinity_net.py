@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsss.models.backbones import build_backbone
+from wsss.models.param_groups import sgd_param_groups
 from wsss.refine.affinity_labels import grid_labels, pair_sets
 from wsss.refine.random_walk import neighbor_offsets, radius_for_num_offsets, valid_pair_mask
 
@@ -71,17 +72,7 @@ class AffinityNet(nn.Module):
         Only trainable parameters; empty groups are left out.  Each group: params, name, lr_mult, lr,
         weight_decay (the lr schedule multiplies ``lr_mult``).
         """
-        spec = {"backbone_weight": (1.0, weight_decay), "backbone_bias": (2.0, 0.0),
-                "new_weight": (new_lr_mult, weight_decay), "new_bias": (2.0 * new_lr_mult, 0.0)}
-        buckets: dict[str, list[nn.Parameter]] = {k: [] for k in spec}
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            new = name.split(".", 1)[0] in NEW_MODULES
-            kind = "bias" if name.endswith(".bias") else "weight"
-            buckets[f"{'new' if new else 'backbone'}_{kind}"].append(p)
-        return [{"params": buckets[k], "name": k, "lr_mult": m, "lr": lr * m, "weight_decay": wd}
-                for k, (m, wd) in spec.items() if buckets[k]]
+        return sgd_param_groups(self, NEW_MODULES, lr, weight_decay, new_lr_mult)
 
 
 def pair_affinities(feat: torch.Tensor, radius: int = 5) -> torch.Tensor:

@@ -18,6 +18,7 @@ from torch import nn
 
 from wsss.models.attention import build_attention
 from wsss.models.backbones import build_backbone
+from wsss.models.param_groups import sgd_param_groups
 from wsss.models.pcm import PCM
 
 NEW_MODULES = ("attention", "classifier", "pcm")
@@ -64,27 +65,8 @@ class CAMNet(nn.Module):
             warnings.warn(f"training a {type(self.backbone).__name__} backbone with frozen BatchNorm (SEAM) but no "
                           "pretrained weights (model.pretrained unset): use converted ImageNet weights or the "
                           "tiny backbone", stacklevel=2)
-        mult = float(optim_cfg.new_lr_mult)
-        wd = float(optim_cfg.weight_decay)
-        spec = {
-            "backbone_weight": (1.0, wd),
-            "backbone_bias": (2.0, 0.0),
-            "new_weight": (mult, wd),
-            "new_bias": (2.0 * mult, 0.0),
-        }
-        buckets: dict[str, list[nn.Parameter]] = {k: [] for k in spec}
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            new = name.split(".", 1)[0] in NEW_MODULES
-            kind = "bias" if name.endswith(".bias") else "weight"
-            buckets[f"{'new' if new else 'backbone'}_{kind}"].append(p)
-        groups = []
-        for key, (lr_mult, decay) in spec.items():
-            if buckets[key]:
-                groups.append({"params": buckets[key], "name": key, "lr_mult": lr_mult,
-                               "lr": float(optim_cfg.lr) * lr_mult, "weight_decay": decay})
-        return groups
+        return sgd_param_groups(self, NEW_MODULES, float(optim_cfg.lr), float(optim_cfg.weight_decay),
+                                float(optim_cfg.new_lr_mult))
 
 
 __all__ = ["CAMNet"]
