@@ -280,3 +280,20 @@ def test_pseudolabel_to_s3(cam_ckpt, synth_root, s3_server):
     res2 = pseudolabel(_cfg(), cam_ckpt, str(synth_root), out, stages=("cam", "crf"), split="val",
                        progress=False, max_images=3)
     assert res2["n_written"] == 0 and res2["n_skipped"] == 3
+
+
+def test_crf_only_path_does_not_import_torch():
+    """CRF workers of the Ray pipeline import wsss.pseudolabel for crf_stage: they must not pay a torch import."""
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np\n"
+            "from wsss.config import Config\n"
+            "from wsss.pseudolabel import cam_scores, crf_stage, labels_from_scores\n"
+            "img = np.zeros((16, 16, 3), np.uint8)\n"
+            "p, k = cam_scores(np.random.rand(1, 16, 16).astype('f4'), [3], 0.5)\n"
+            "assert labels_from_scores(*crf_stage(img, p, k, Config().crf)).shape == (16, 16)\n"
+            "print('torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"

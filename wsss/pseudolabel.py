@@ -9,6 +9,7 @@ The stage callables are shared by the local sequential loop here and the Ray Dat
 * :func:`labels_from_scores` - arg-max to class indices (uint8).
 
 "Scores" are per-image probabilities (C', H, W) with keys (C',), keys[0] == 0 (background).
+torch is imported inside the CAM and walk stages only, so CRF-only workers (jobs/pseudolabel.py) never load it.
 """
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ import time
 from typing import Iterable
 
 import numpy as np
-import torch
 
 from wsss.config import Config, resolve_device
 
@@ -44,6 +44,8 @@ class CamStage:
     """
 
     def __init__(self, checkpoint: str, device=None, cfg_overrides=None):
+        import torch
+
         from wsss.cam import CamInferencer
         from wsss.checkpoint import load_cam_model
 
@@ -71,6 +73,8 @@ def load_affinity_model(checkpoint: str, device=None, radius: int = 5):
     if missing or unexpected:
         raise ValueError(f"checkpoint {checkpoint}: state_dict does not match AffinityNet on "
                          f"{acfg.model.backbone} (first bad key: {(missing or unexpected)[0]})")
+    import torch
+
     device = torch.device(device) if device is not None else resolve_device(acfg)
     net.to(device).eval()
     return net, acfg, meta
@@ -87,15 +91,18 @@ class RandomWalkStage:
 
     def __init__(self, affinity_checkpoint: str, cfg: Config, device=None):
         self.cfg = cfg
+        import torch
+
         dev = torch.device(device) if device is not None else resolve_device(cfg)
         self.net, self.aff_cfg, self.meta = load_affinity_model(affinity_checkpoint, dev, radius=cfg.rw.radius)
         self.device = dev
         self.upscale = int(getattr(self.aff_cfg.affinity, "upscale", 1) or 1)
         self.stride = 8 // self.upscale  # input pixels per grid cell
 
-    @torch.no_grad()
-    def affinities(self, image: np.ndarray) -> torch.Tensor:
+    def affinities(self, image: np.ndarray):
         """(P, h, w) pair affinities of the image on the grid of ``self.stride`` input pixels (on self.device)."""
+        import torch
+
         from wsss.data.transforms import normalize
         from wsss.models.affinity_net import pair_affinities
         from wsss.train import autocast
@@ -109,12 +116,13 @@ class RandomWalkStage:
         ph, pw = (-H) % s, (-W) % s
         if ph or pw:
             x = torch.nn.functional.pad(x, (0, pw, 0, ph))  # zeros = the mean colour after normalisation
-        with autocast(self.device, self.cfg.optim.amp):
+        with torch.no_grad(), autocast(self.device, self.cfg.optim.amp):
             feat = self.net.features(x)
         return pair_affinities(feat.float(), self.cfg.rw.radius)[0]
 
-    @torch.no_grad()
     def __call__(self, image: np.ndarray, cam: np.ndarray, keys) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
         from wsss.refine.random_walk import walk_cam
 
         cam = np.asarray(cam, dtype=np.float32)
@@ -123,8 +131,9 @@ class RandomWalkStage:
                              f"size {image.shape[1]}x{image.shape[0]}")
         aff = self.affinities(image)
         rw = self.cfg.rw
-        probs = walk_cam(torch.from_numpy(cam).to(self.device), aff, radius=rw.radius, beta=rw.beta,
-                         logt=rw.logt, bg_alpha=rw.bg_alpha, stride=self.stride)
+        with torch.no_grad():
+            probs = walk_cam(torch.from_numpy(cam).to(self.device), aff, radius=rw.radius, beta=rw.beta,
+                             logt=rw.logt, bg_alpha=rw.bg_alpha, stride=self.stride)
         full_keys = np.concatenate([[0], np.asarray(keys, dtype=np.int64).reshape(-1)])
         return probs.float().cpu().numpy(), full_keys
 

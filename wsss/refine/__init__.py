@@ -1,7 +1,23 @@
-"""Refinement of CAMs into pixel labels: affinity labels, AffinityNet random walk, dense CRF (no Ray here)."""
-from wsss.refine.affinity_labels import affinity_labels, grid_labels, pair_sets
-from wsss.refine.crf import crf_inference
-from wsss.refine.random_walk import (neighbor_offsets, random_walk, random_walk_dense, rw_background, walk_cam)
+"""Refinement of CAMs into pixel labels: affinity labels, AffinityNet random walk, dense CRF (no Ray here).
 
-__all__ = ["affinity_labels", "grid_labels", "pair_sets", "crf_inference", "neighbor_offsets", "random_walk",
-           "random_walk_dense", "rw_background", "walk_cam"]
+The names below load their submodule on first use (PEP 562), so ``wsss.refine.crf`` alone (CRF-only workers) does
+not import torch.
+"""
+from __future__ import annotations
+
+import importlib
+
+_WHERE = {
+    "affinity_labels": "affinity_labels", "grid_labels": "affinity_labels", "pair_sets": "affinity_labels",
+    "crf_inference": "crf",
+    "neighbor_offsets": "random_walk", "random_walk": "random_walk", "random_walk_dense": "random_walk",
+    "rw_background": "random_walk", "walk_cam": "random_walk",
+}
+
+__all__ = list(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'wsss.refine' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"wsss.refine.{_WHERE[name]}"), name)
