@@ -31,6 +31,8 @@ def run_one(ckpt: Path, data: str, aff_steps: int, max_val: int, rw_overrides: l
     thr = float(metrics.get("val_best_threshold", 0.5))
     cams = ckpt.parent / f"{ckpt.name}-cams-train"
     infer_cams(str(ckpt), data, str(cams), split="train", progress=False)
+    # the walk's background power is matched to this threshold when rw.bg_alpha is null (0 and 1 cannot be matched)
+    rw_overrides = [f"infer.bg_threshold={min(max(thr, 0.01), 0.99)}"] + rw_overrides
     base = config.load(ckpt / "config.yaml", rw_overrides)
     cfg = config.load(ckpt / "config.yaml", [f"affinity.max_steps={aff_steps}", "affinity.epochs=1000",
                                              f"affinity.crop={base.data.crop * base.affinity.upscale}"]

@@ -243,7 +243,10 @@ def test_upscaled_affinity_walks_on_a_finer_grid(aff_ckpt, synth_root, tmp_path)
                          progress=False)
     assert load_checkpoint(out)[2]["upscale"] == 2
     stage = RandomWalkStage(out, _cfg(), device="cpu")  # the upscale comes from the affinity checkpoint
-    assert (stage.upscale, stage.stride) == (2, 4)
+    assert (stage.upscale, stage.stride) == (2, 4) and stage.bg_alpha == _cfg().rw.bg_alpha
+    matched = _cfg()
+    matched.rw.bg_alpha, matched.infer.bg_threshold = None, 0.5
+    assert RandomWalkStage(out, matched, device="cpu").bg_alpha == pytest.approx(1.0)
     i = ds.ids[0]
     image = ds.load_image(i)
     aff = stage.affinities(image)

@@ -386,3 +386,25 @@ def test_walk_with_region_affinities_fixes_a_blurred_cam():
     probs = walk_cam(torch.from_numpy(cam), aff, radius=5, beta=8, logt=8, bg_alpha=4)
     walked = miou(labels_from_scores(probs.numpy(), [0, 1]))
     assert base < 0.7 and walked > base + 0.2
+
+
+def test_matched_bg_alpha_crosses_the_cam_at_the_threshold():
+    """rw.bg_alpha null: (1 - m)^alpha == m at m = infer.bg_threshold, so the walk starts from the CAM's labels."""
+    from wsss.refine.random_walk import matched_bg_alpha
+
+    for t in (0.1, 0.26, 0.37, 0.5, 0.58, 0.9):
+        a = matched_bg_alpha(t)
+        assert (1 - t) ** a == pytest.approx(t)
+        assert (1 - (t + 0.01)) ** a < t + 0.01 and (1 - (t - 0.01)) ** a > t - 0.01
+    assert matched_bg_alpha(0.5) == pytest.approx(1.0)
+    for bad in (0.0, 1.0, -0.2):
+        with pytest.raises(ValueError, match="infer.bg_threshold"):
+            matched_bg_alpha(bad)
+    # labels of the walk's starting scores equal the CAM's thresholded labels
+    rng = np.random.default_rng(0)
+    cam = rng.random((2, 12, 12)).astype(np.float32)
+    t = 0.42
+    bg = rw_background(cam, matched_bg_alpha(t))
+    start = np.concatenate([bg[None], cam]).argmax(0)
+    thresholded = np.where(cam.max(0) > t, cam.argmax(0) + 1, 0)
+    assert (start == thresholded).mean() > 0.99

@@ -106,7 +106,9 @@ class AffinityConfig:
 class RandomWalkConfig:
     beta: float = 8.0                   # AffinityNet: beta = 8
     logt: int = 8                       # AffinityNet: t = 2^8 (SEAM copy: 6)
-    bg_alpha: float = 16.0              # background (1-max)^alpha for the walk (PSA 16, SEAM 6)
+    bg_alpha: float | None = 16.0       # background (1-max)^alpha for the walk (PSA 16, SEAM 6); null = matched to
+    #                                     infer.bg_threshold t: alpha = ln t / ln(1 - t), so (1-max)^alpha crosses
+    #                                     the CAM at t and the walk starts from the CAM's own labels
     radius: int = 5
 
 
@@ -194,6 +196,7 @@ class Config:
         _check(self.rw.logt >= 0, "rw.logt", self.rw.logt, ">= 0")
         _check(self.rw.beta >= 0, "rw.beta", self.rw.beta, ">= 0")
         _check(self.rw.radius >= 1, "rw.radius", self.rw.radius, ">= 1")
+        _check(self.rw.bg_alpha is None or self.rw.bg_alpha > 0, "rw.bg_alpha", self.rw.bg_alpha, "> 0 or null")
         _check(self.affinity.radius >= 1, "affinity.radius", self.affinity.radius, ">= 1")
         _check(self.affinity.upscale in (1, 2, 4), "affinity.upscale", self.affinity.upscale, "1, 2 or 4")
         _check(self.crf.iters >= 1, "crf.iters", self.crf.iters, ">= 1")

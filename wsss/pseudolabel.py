@@ -85,7 +85,8 @@ class RandomWalkStage:
 
     AffinityNet affinities on the stride-8 grid of the image upscaled by the affinity checkpoint's
     ``affinity.upscale`` u (padded to a multiple of 8), i.e. one grid cell per 8/u input pixels; background
-    (1 - max)^cfg.rw.bg_alpha, CAM average-pooled to the grid, sparse random walk (beta = cfg.rw.beta,
+    (1 - max)^cfg.rw.bg_alpha (null: matched to cfg.infer.bg_threshold, see
+    :func:`wsss.refine.random_walk.matched_bg_alpha`), CAM average-pooled to the grid, sparse random walk (beta = cfg.rw.beta,
     t = 2^cfg.rw.logt, radius cfg.rw.radius), bilinear upsampling, per-pixel normalisation.
     """
 
@@ -97,6 +98,10 @@ class RandomWalkStage:
         self.net, self.aff_cfg, self.meta = load_affinity_model(affinity_checkpoint, dev, radius=cfg.rw.radius)
         self.device = dev
         self.upscale = int(getattr(self.aff_cfg.affinity, "upscale", 1) or 1)
+        from wsss.refine.random_walk import matched_bg_alpha
+
+        a = cfg.rw.bg_alpha
+        self.bg_alpha = float(a) if a is not None else matched_bg_alpha(cfg.infer.bg_threshold)
         self.stride = 8 // self.upscale  # input pixels per grid cell
 
     def affinities(self, image: np.ndarray):
@@ -133,7 +138,7 @@ class RandomWalkStage:
         rw = self.cfg.rw
         with torch.no_grad():
             probs = walk_cam(torch.from_numpy(cam).to(self.device), aff, radius=rw.radius, beta=rw.beta,
-                             logt=rw.logt, bg_alpha=rw.bg_alpha, stride=self.stride)
+                             logt=rw.logt, bg_alpha=self.bg_alpha, stride=self.stride)
         full_keys = np.concatenate([[0], np.asarray(keys, dtype=np.int64).reshape(-1)])
         return probs.float().cpu().numpy(), full_keys
 

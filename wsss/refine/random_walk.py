@@ -180,6 +180,22 @@ def dense_bytes(h: int, w: int, itemsize: int = 4) -> int:
 
 # ---- CAM helpers ------------------------------------------------------------------------------------
 
+def matched_bg_alpha(threshold: float) -> float:
+    """The background power whose (1 - m)^alpha equals m exactly at m = ``threshold``: ln t / ln(1 - t).
+
+    With it the walk's starting labels are the CAM's labels at that threshold (cfg.rw.bg_alpha = null). On the
+    synthetic set the best power found by a sweep on train images matched this value for both CAM thresholds tried
+    (0.37 -> 2.15, sweep best 2; 0.58 -> 0.63, sweep best 0.63; README).
+    """
+    import math
+
+    t = float(threshold)
+    if not 0.0 < t < 1.0:
+        raise ValueError(f"config key 'infer.bg_threshold': {threshold!r} must lie strictly between 0 and 1 to "
+                         "match the walk's background power (rw.bg_alpha: null)")
+    return math.log(t) / math.log(1.0 - t)
+
+
 def rw_background(cam, alpha: float):
     """Background score for the walk: (1 - max over foreground)^alpha (PSA alpha 16, SEAM 6; cfg.rw.bg_alpha).
 
@@ -248,4 +264,4 @@ def expected_flops(h: int, w: int, channels: int, radius: int, logt: int) -> dic
 
 __all__ = ["neighbor_offsets", "radius_for_num_offsets", "valid_pair_mask", "transition_weights", "random_walk",
            "random_walk_dense", "dense_affinity_matrix", "dense_bytes", "rw_background", "pool_to_grid",
-           "upsample_from_grid", "walk_cam", "expected_flops", "GRID_STRIDE"]
+           "upsample_from_grid", "walk_cam", "matched_bg_alpha", "expected_flops", "GRID_STRIDE"]
