@@ -105,7 +105,7 @@ def run_demo(out: str, quick: bool = False, address: str | None = None, storage:
         aff_cfg = config.load(ROOT / "configs/synth_daen.yaml",
                               ov + [f"optim.max_steps={p['steps']}", f"affinity.max_steps={p['aff_steps']}",
                                     "affinity.epochs=1000",
-                                    f"affinity.crop={cfg.data.crop}"])
+                                    f"affinity.crop={cfg.data.crop * cfg.affinity.upscale}"])
         aff = train_affinity(aff_cfg, str(cams), str(data), str(out_dir / "affinity"), split="train", progress=False)
         t = _stage("CAMs + AffinityNet", t, timings)
 
