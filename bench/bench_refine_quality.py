@@ -5,7 +5,8 @@ mIoU of CAM, +RW, +CRF, +RW+CRF for seam and daen, several seeds, mean ± std.
 
 Uses the CAM checkpoints that ``bench.bench_cam_methods`` leaves in its work folder (``<work>/<variant>-<seed>``,
 and the synthetic data at ``<work>/synth``). Per checkpoint: CAMs on the train split -> AffinityNet -> on the val
-split the four label maps of each image, scored with one confusion matrix per stage. The CAM threshold is the
+split the four label maps of each image, scored with one confusion matrix per stage, plus a diagnostic column: the
+same walk with oracle affinities from the ground-truth mask (what a perfect AffinityNet would give these CAMs). The CAM threshold is the
 checkpoint's best threshold on val (from its metrics), the same for every stage that needs one.
 Writes bench/results/refine_quality.md.
 """
@@ -16,7 +17,26 @@ import json
 import statistics
 from pathlib import Path
 
-STAGES = ("CAM", "+RW", "+CRF", "+RW+CRF")
+STAGES = ("CAM", "+RW", "+CRF", "+RW+CRF", "+RW (GT affinities)")
+
+
+def gt_affinities(mask, grid_hw: tuple[int, int], radius: int):
+    """Oracle pair affinities on the walk's grid from the ground-truth mask (nearest cell centre): 1 for pairs of
+    the same label, 0.001 otherwise. The walk with them shows what a perfect AffinityNet would give these CAMs."""
+    import numpy as np
+    import torch
+
+    from wsss.refine.affinity_labels import grid_labels
+    from wsss.refine.random_walk import neighbor_offsets
+
+    h, w = grid_hw
+    g = grid_labels(np.asarray(mask, np.int64), (h, w))
+    pad = np.pad(g, ((0, radius - 1), (radius - 1, radius - 1)), constant_values=-1)
+    aff = np.empty((len(neighbor_offsets(radius)), h, w), np.float32)
+    for p, (dy, dx) in enumerate(neighbor_offsets(radius)):
+        partner = pad[dy:dy + h, radius - 1 + dx:radius - 1 + dx + w]
+        aff[p] = np.where(partner == g, 1.0, 0.001)
+    return torch.from_numpy(aff)
 
 
 def run_one(ckpt: Path, data: str, aff_steps: int, max_val: int, rw_overrides: list[str]) -> dict[str, float]:
@@ -26,6 +46,10 @@ def run_one(ckpt: Path, data: str, aff_steps: int, max_val: int, rw_overrides: l
     from wsss.data import open_dataset
     from wsss.metrics import ConfusionMatrix, iou_from_confusion
     from wsss.pseudolabel import CamStage, RandomWalkStage, cam_scores, crf_stage, labels_from_scores
+    from wsss.refine.random_walk import walk_cam
+
+    import numpy as np
+    import torch
 
     metrics = json.loads((ckpt / "metrics.json").read_text())
     thr = float(metrics.get("val_best_threshold", 0.5))
@@ -52,6 +76,11 @@ def run_one(ckpt: Path, data: str, aff_steps: int, max_val: int, rw_overrides: l
         rprobs, rk = rw_stage(image, cam, keys)
         conf["+RW"].update(mask, labels_from_scores(rprobs, rk))
         conf["+RW+CRF"].update(mask, labels_from_scores(*crf_stage(image, rprobs, rk, cfg.crf)))
+        grid = tuple(-(-s // rw_stage.stride) for s in mask.shape)
+        oracle = walk_cam(torch.from_numpy(np.asarray(cam, np.float32)), gt_affinities(mask, grid, cfg.rw.radius),
+                          radius=cfg.rw.radius, beta=cfg.rw.beta, logt=cfg.rw.logt, bg_alpha=rw_stage.bg_alpha,
+                          stride=rw_stage.stride)
+        conf["+RW (GT affinities)"].update(mask, labels_from_scores(oracle.numpy(), rk))
     return {s: iou_from_confusion(c.matrix, val.class_names)["miou"] for s, c in conf.items()}
 
 

@@ -177,7 +177,8 @@ def test_train_affinity_writes_checkpoint_and_label_cache(aff_ckpt, synth_root):
     assert any(k.startswith("embed.") for k in state)
     ds = open_dataset(str(synth_root), "train")
     cache = os.path.join(aff_ckpt["ckpt"], LABEL_DIR)
-    files = sorted(os.listdir(cache))
+    files = sorted(f for f in os.listdir(cache) if f.endswith(".npz"))
+    assert sorted(os.listdir(cache)) == sorted(files + ["settings.json"])
     assert files == sorted(f"{i}.npz" for i in ds.ids)
     lab = load_label(os.path.join(cache, files[0]))
     assert lab.dtype == np.uint8 and lab.shape == ds.image_hw(files[0][:-4])
@@ -186,6 +187,15 @@ def test_train_affinity_writes_checkpoint_and_label_cache(aff_ckpt, synth_root):
     ok, rejects = build_affinity_labels(cfg, aff_ckpt["cams"], ds, cache, progress=False)
     assert sorted(ok) == sorted(ds.ids) and rejects == []
     assert {f: os.stat(os.path.join(cache, f)).st_mtime_ns for f in files} == mtimes
+    # labels made with other background powers are recomputed, not silently reused
+    cfg.affinity.low_alpha, cfg.affinity.high_alpha, cfg.infer.bg_threshold = None, None, 0.4
+    from wsss.affinity_train import label_alphas
+    from wsss.refine.random_walk import matched_bg_alpha
+    assert label_alphas(cfg) == (pytest.approx(matched_bg_alpha(0.5)), pytest.approx(matched_bg_alpha(0.3)))
+    ok, rejects = build_affinity_labels(cfg, aff_ckpt["cams"], ds, cache, ids=ds.ids[:2], progress=False)
+    assert ok == ds.ids[:2] and rejects == []
+    changed = {f: os.stat(os.path.join(cache, f)).st_mtime_ns for f in files[:2]}
+    assert all(changed[f] != mtimes[f] for f in changed)
     # a missing CAM file rejects that id only
     ok2, rejects2 = build_affinity_labels(cfg, aff_ckpt["cams"] + "-missing", ds, cache + "-new",
                                           ids=ds.ids[:2], progress=False)

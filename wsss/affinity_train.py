@@ -24,6 +24,7 @@ from wsss.config import Config, resolve_device
 from wsss.refine.affinity_labels import IGNORE, affinity_labels
 
 LABEL_DIR = "affinity_labels"
+SETTINGS_FILE = "settings.json"  # in the label cache: the settings its labels were made with
 
 
 # ---- label cache ------------------------------------------------------------------------------------------
@@ -49,15 +50,26 @@ def build_affinity_labels(cfg: Config, cams_dir: str, dataset, cache_dir: str, i
     """Compute (or reuse cached) affinity labels for ``ids`` (default all of the dataset).
 
     Returns (ids with a label, rejects [(id, reason)]).  A missing CAM file, a bad image or a size mismatch
-    rejects that id only.
+    rejects that id only.  The cache records the settings its labels were made with (``settings.json``: the two
+    background powers, the CRF parameters, the CAM folder); cached labels made with other settings are recomputed.
     """
     from tqdm import tqdm
 
     from wsss.cam import load_cam
     from wsss.data import fs
 
+    import dataclasses
+    import json as _json
+
     fs.makedirs(cache_dir)
+    low, high = label_alphas(cfg)
+    settings = _json.dumps({"low_alpha": round(low, 6), "high_alpha": round(high, 6),
+                            "crf": dataclasses.asdict(cfg.crf), "cams_dir": str(cams_dir)}, sort_keys=True)
+    stamp = fs.join(cache_dir, SETTINGS_FILE)
     have = set(fs.listdir(cache_dir))
+    if SETTINGS_FILE not in have or fs.read_text(stamp) != settings:
+        have = set()  # made with other settings (or unknown ones): recompute every label
+        fs.write_text(stamp, settings)
     ok: list[str] = []
     rejects: list[tuple[str, str]] = []
     for item_id in tqdm(list(ids if ids is not None else dataset.ids), desc="affinity labels",
@@ -76,7 +88,7 @@ def build_affinity_labels(cfg: Config, cams_dir: str, dataset, cache_dir: str, i
                 raise FileNotFoundError(f"id {item_id}: CAM file missing: {cam_uri}")
             cam, keys = load_cam(cam_uri)
             image = dataset.load_image(item_id)
-            label = affinity_labels(image, cam, keys, cfg.affinity.low_alpha, cfg.affinity.high_alpha, cfg.crf)
+            label = affinity_labels(image, cam, keys, low, high, cfg.crf)
             _save_label(uri, label)
             ok.append(item_id)
         except Exception as e:  # noqa: BLE001 - reject this id, keep the rest
@@ -84,6 +96,18 @@ def build_affinity_labels(cfg: Config, cams_dir: str, dataset, cache_dir: str, i
             rejects.append((item_id, f"{type(e).__name__}: {msg}"[:500]))
     return ok, rejects
 
+
+
+def label_alphas(cfg: Config) -> tuple[float, float]:
+    """(low, high) background powers of the affinity labels: cfg.affinity.low_alpha / high_alpha, or where null,
+    matched (:func:`wsss.refine.random_walk.matched_bg_alpha`) to infer.bg_threshold + / - affinity.matched_band, so
+    that confident foreground lies above t + band and confident background below t - band for CAMs thresholded at t."""
+    from wsss.refine.random_walk import matched_bg_alpha
+
+    a, t = cfg.affinity, float(cfg.infer.bg_threshold)
+    low = a.low_alpha if a.low_alpha is not None else matched_bg_alpha(min(0.99, t + a.matched_band))
+    high = a.high_alpha if a.high_alpha is not None else matched_bg_alpha(max(0.01, t - a.matched_band))
+    return float(low), float(high)
 
 # ---- training data -----------------------------------------------------------------------------------------
 

@@ -89,8 +89,9 @@ class InferConfig:
 @dataclass
 class AffinityConfig:
     radius: int = 5                     # AffinityNet: pairs within radius 5 on the stride-8 grid
-    low_alpha: float = 4.0              # AffinityNet la
-    high_alpha: float = 24.0            # AffinityNet ha (PSA: 32)
+    low_alpha: float | None = 4.0       # AffinityNet la; null = matched to infer.bg_threshold + matched_band
+    high_alpha: float | None = 24.0     # AffinityNet ha (PSA: 32); null = matched to infer.bg_threshold - matched_band
+    matched_band: float = 0.1           # AffinityNet's 4 / 24 cross a CAM at 0.28 / 0.09: ~ t +- 0.1 around t ~ 0.2
     crop: int = 448
     batch_size: int = 8
     epochs: int = 8
@@ -198,6 +199,11 @@ class Config:
         _check(self.rw.radius >= 1, "rw.radius", self.rw.radius, ">= 1")
         _check(self.rw.bg_alpha is None or self.rw.bg_alpha > 0, "rw.bg_alpha", self.rw.bg_alpha, "> 0 or null")
         _check(self.affinity.radius >= 1, "affinity.radius", self.affinity.radius, ">= 1")
+        for key in ("low_alpha", "high_alpha"):
+            v = getattr(self.affinity, key)
+            _check(v is None or v > 0, f"affinity.{key}", v, "> 0 or null")
+        _check(0 < self.affinity.matched_band < 0.5, "affinity.matched_band", self.affinity.matched_band,
+               "in (0, 0.5)")
         _check(self.affinity.upscale in (1, 2, 4), "affinity.upscale", self.affinity.upscale, "1, 2 or 4")
         _check(self.crf.iters >= 1, "crf.iters", self.crf.iters, ">= 1")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
