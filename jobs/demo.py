@@ -100,12 +100,17 @@ def run_demo(out: str, quick: bool = False, address: str | None = None, storage:
         config.load(best_yaml)  # the best config is a valid `wsss train --config` input
         t = _stage(f"tune ({ts.get('n_trials')} trials)", t, timings)
 
+        # the CAM threshold of everything downstream (CAM labels, affinity labels, the walk's background power):
+        # the trained model's best on val, as the refinement benchmark does
+        thr = min(0.95, max(0.05, float(tr["metrics"].get("val_best_threshold", cfg.infer.bg_threshold))))
+        thr_ov = [f"infer.bg_threshold={thr:.2f}"]
+        print(f"[demo] CAM threshold for CAM labels, affinity labels and the walk: {thr:.2f}", flush=True)
         cams = out_dir / "cams-train"
         infer_cams(ckpt, str(data), str(cams), split="train", progress=False)
         aff_cfg = config.load(ROOT / "configs/synth_daen.yaml",
                               ov + [f"optim.max_steps={p['steps']}", f"affinity.max_steps={p['aff_steps']}",
                                     "affinity.epochs=1000",
-                                    f"affinity.crop={cfg.data.crop * cfg.affinity.upscale}"])
+                                    f"affinity.crop={cfg.data.crop * cfg.affinity.upscale}"] + thr_ov)
         aff = train_affinity(aff_cfg, str(cams), str(data), str(out_dir / "affinity"), split="train", progress=False)
         t = _stage("CAMs + AffinityNet", t, timings)
 
@@ -113,7 +118,7 @@ def run_demo(out: str, quick: bool = False, address: str | None = None, storage:
         for label, stages in (("CAM", ("cam",)), ("+RW+CRF", ("cam", "rw", "crf"))):
             dst = f"{storage}/pseudo/{'-'.join(stages)}"
             pl = run_pseudolabel(ckpt, f"{shards}/val", dst, affinity=aff, stages=stages, progress=False,
-                                 verbose=False)
+                                 verbose=False, cfg_overrides=thr_ov)
             for row in pl.get("stage_stats", []):
                 throughput.append({"run": label, **row})
             results[label] = run_evaluate(dst, f"{shards}/val")
