@@ -47,7 +47,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--images", type=int, default=1200)
-    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--size", type=int, default=64,
+                    help="image size; crops and the resize range scale with it (the config's are for 64 px)")
     ap.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs/synth_daen.yaml"))
     ap.add_argument("--variants", default=",".join(v[0] for v in VARIANTS))
     ap.add_argument("--init", default="scratch,cam", help="scratch, cam or both (see the module docstring)")
@@ -55,6 +56,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     wanted = set(args.variants.split(","))
+    base = config.load(args.config)
+    k = args.size / 64.0  # synth_daen.yaml's crop and resize range are set for 64 px images
+    size_ov = [] if args.size == 64 else [f"data.crop={int(round(base.data.crop * k))}",
+                                          f"data.resize_long=[{int(round(base.data.resize_long[0] * k))},"
+                                          f"{int(round(base.data.resize_long[1] * k))}]"]
     inits = [i for i in ("scratch", "cam") if i in args.init.split(",")]
     if "cam" in inits and ("scratch" not in inits or "cam" not in wanted):
         ap.error("--init cam needs --init scratch and the cam variant (its checkpoints are the initialisation)")
@@ -75,7 +81,7 @@ def main(argv=None) -> int:
                          "optim.new_lr_mult=10", "method.warmup_steps=0", "optim.clip_grad_norm=null"]
                 run = work / f"{name}-{seed}-init-cam"
             cfg = config.load(args.config, ov + [f"seed={seed}", f"optim.max_steps={args.steps}",
-                                                 f"data.root={data}", "optim.epochs=1000"] + extra)
+                                                 f"data.root={data}", "optim.epochs=1000"] + size_ov + extra)
             res = train(cfg, str(run), progress=False, val_dataset=val, eval_max_images=10**6)
             mious.append(res["val_cam_miou"])
             thrs.append(res["val_best_threshold"])
