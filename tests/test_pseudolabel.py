@@ -154,6 +154,24 @@ def test_pseudolabel_without_config_uses_checkpoint_config(cam_ckpt, synth_root,
     assert res["n_written"] == 2
 
 
+def test_cli_pseudolabel_set_applies_without_config(cam_ckpt, synth_root, tmp_path):
+    """`wsss pseudolabel --set k=v` without --config overrides the checkpoint's config (it used to be ignored)."""
+    from PIL import Image
+
+    from wsss.cli import main
+    from wsss.pseudolabel import checkpoint_config
+
+    assert checkpoint_config(cam_ckpt, ["infer.bg_threshold=0.99"]).infer.bg_threshold == 0.99
+    fg = {}
+    for t in ("0.01", "0.99"):
+        out = tmp_path / t
+        assert main(["pseudolabel", "--checkpoint", cam_ckpt, "--data", str(synth_root), "--out", str(out),
+                     "--split", "val", "--stages", "cam", "--set", f"infer.bg_threshold={t}"]) == 0
+        labels = [np.asarray(Image.open(p)) for p in sorted(out.glob("*.png"))]
+        fg[t] = np.mean([((a > 0) & (a < 255)).mean() for a in labels])
+    assert fg["0.01"] > fg["0.99"]
+
+
 def test_pseudolabel_class_mismatch_is_an_error(cam_ckpt, synth_root, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(synth_root, data)

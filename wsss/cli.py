@@ -119,7 +119,10 @@ def cmd_train_affinity(args) -> int:
 def cmd_pseudolabel(args) -> int:
     from wsss.pseudolabel import pseudolabel
 
-    cfg = _load_cfg(args) if args.config else None
+    from wsss.pseudolabel import checkpoint_config
+
+    # without --config the CAM checkpoint's own config is used; --set applies to whichever config is used
+    cfg = _load_cfg(args) if args.config else checkpoint_config(args.checkpoint, args.overrides)
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
     res = pseudolabel(cfg, args.checkpoint, args.data, args.out, affinity=args.affinity, stages=stages,
                       split=args.split)

@@ -184,8 +184,8 @@ def check_stages(stages: Iterable[str], affinity: str | None) -> tuple[str, ...]
     return st
 
 
-def checkpoint_config(checkpoint: str) -> Config:
-    """The resolved config stored in a checkpoint folder (config.yaml)."""
+def checkpoint_config(checkpoint: str, overrides: list[str] | None = None) -> Config:
+    """The resolved config stored in a checkpoint folder (config.yaml), with ``key=value`` overrides."""
     import yaml
 
     from wsss.config import from_dict
@@ -194,7 +194,7 @@ def checkpoint_config(checkpoint: str) -> Config:
     uri = fs.join(checkpoint, "config.yaml")
     if not fs.exists(uri):
         raise FileNotFoundError(f"checkpoint {checkpoint}: missing config.yaml (not a wsss checkpoint folder?)")
-    return from_dict(yaml.safe_load(fs.read_bytes(uri)) or {})
+    return from_dict(yaml.safe_load(fs.read_bytes(uri)) or {}, overrides)
 
 
 # ---- tables --------------------------------------------------------------------------------------------
