@@ -35,8 +35,13 @@ demo: venv
 demo-quick: venv
 	$(PY) -m jobs.demo --quick
 
+BENCH_WORK ?= /tmp/wsss-bench-make
 bench: venv
-	$(PY) -m bench.bench_cam_methods
+	$(PY) -m bench.bench_cam_methods --work $(BENCH_WORK)
+	$(PY) -m bench.bench_pcm --work $(BENCH_WORK)
+	$(PY) -m bench.bench_refine_quality --work $(BENCH_WORK) --methods cam,seam,daen-csm
+	$(PY) -m bench.bench_rw_sweep --cam $(BENCH_WORK)/seam-0 --affinity $(BENCH_WORK)/seam-0-affinity \
+	    --data $(BENCH_WORK)/synth --alpha 0.5,1,2,3,6
 	$(PY) -m bench.bench_random_walk
 	$(PY) -m bench.bench_crf
 	$(PY) -m bench.bench_train_overhead

@@ -51,6 +51,7 @@ def main(argv=None) -> int:
                     help="image size; crops and the resize range scale with it (the config's are for 64 px)")
     ap.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs/synth_daen.yaml"))
     ap.add_argument("--variants", default=",".join(v[0] for v in VARIANTS))
+    ap.add_argument("--work", help="work folder for data and checkpoints (default: a new temporary folder)")
     ap.add_argument("--init", default="scratch,cam", help="scratch, cam or both (see the module docstring)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results/cam_methods.md"))
     args = ap.parse_args(argv)
@@ -64,7 +65,8 @@ def main(argv=None) -> int:
     inits = [i for i in ("scratch", "cam") if i in args.init.split(",")]
     if "cam" in inits and ("scratch" not in inits or "cam" not in wanted):
         ap.error("--init cam needs --init scratch and the cam variant (its checkpoints are the initialisation)")
-    work = Path(tempfile.mkdtemp(prefix="wsss-bench-"))
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="wsss-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
     data = work / "synth"
     make_synthetic(str(data), num_images=args.images, size=args.size, seed=1234, val_fraction=0.1)
     val = open_dataset(str(data), "val")
