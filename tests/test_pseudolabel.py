@@ -214,6 +214,8 @@ def test_train_affinity_writes_checkpoint_and_label_cache(aff_ckpt, synth_root):
     assert ok == ds.ids[:2] and rejects == []
     changed = {f: os.stat(os.path.join(cache, f)).st_mtime_ns for f in files[:2]}
     assert all(changed[f] != mtimes[f] for f in changed)
+    # the labels of the other settings are gone, not left beside the new stamp
+    assert sorted(f for f in os.listdir(cache) if f.endswith(".npz")) == sorted(f"{i}.npz" for i in ds.ids[:2])
     # a missing CAM file rejects that id only
     ok2, rejects2 = build_affinity_labels(cfg, aff_ckpt["cams"] + "-missing", ds, cache + "-new",
                                           ids=ds.ids[:2], progress=False)

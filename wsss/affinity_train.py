@@ -11,7 +11,9 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import io
+import json
 import time
 import warnings
 
@@ -51,25 +53,28 @@ def build_affinity_labels(cfg: Config, cams_dir: str, dataset, cache_dir: str, i
 
     Returns (ids with a label, rejects [(id, reason)]).  A missing CAM file, a bad image or a size mismatch
     rejects that id only.  The cache records the settings its labels were made with (``settings.json``: the two
-    background powers, the CRF parameters, the CAM folder); cached labels made with other settings are recomputed.
+    background powers, the CRF parameters, the CAM folder); when they change, the cached labels are deleted and
+    recomputed.
     """
     from tqdm import tqdm
 
     from wsss.cam import load_cam
     from wsss.data import fs
 
-    import dataclasses
-    import json as _json
-
     fs.makedirs(cache_dir)
     low, high = label_alphas(cfg)
-    settings = _json.dumps({"low_alpha": round(low, 6), "high_alpha": round(high, 6),
+    settings = json.dumps({"low_alpha": round(low, 6), "high_alpha": round(high, 6),
                             "crf": dataclasses.asdict(cfg.crf), "cams_dir": str(cams_dir)}, sort_keys=True)
     stamp = fs.join(cache_dir, SETTINGS_FILE)
     have = set(fs.listdir(cache_dir))
     if SETTINGS_FILE not in have or fs.read_text(stamp) != settings:
-        have = set()  # made with other settings (or unknown ones): recompute every label
+        # labels made with other (or unknown) settings: drop them all, so the cache only ever holds labels of the
+        # settings it is stamped with, also after an interrupted or partial (``ids``) rebuild
+        for name in have:
+            if name.endswith(".npz"):
+                fs.remove(fs.join(cache_dir, name))
         fs.write_text(stamp, settings)
+        have = set()
     ok: list[str] = []
     rejects: list[tuple[str, str]] = []
     for item_id in tqdm(list(ids if ids is not None else dataset.ids), desc="affinity labels",
@@ -96,8 +101,6 @@ def build_affinity_labels(cfg: Config, cams_dir: str, dataset, cache_dir: str, i
             rejects.append((item_id, f"{type(e).__name__}: {msg}"[:500]))
     return ok, rejects
 
-
-
 def label_alphas(cfg: Config) -> tuple[float, float]:
     """(low, high) background powers of the affinity labels: cfg.affinity.low_alpha / high_alpha, or where null,
     matched (:func:`wsss.refine.random_walk.matched_bg_alpha`) to infer.bg_threshold + / - affinity.matched_band, so
@@ -109,6 +112,7 @@ def label_alphas(cfg: Config) -> tuple[float, float]:
     high = a.high_alpha if a.high_alpha is not None else matched_bg_alpha(max(0.01, t - a.matched_band))
     return float(low), float(high)
 
+
 # ---- training data -----------------------------------------------------------------------------------------
 
 class AffinityTrainDataset(TorchDataset):
@@ -116,7 +120,8 @@ class AffinityTrainDataset(TorchDataset):
 
     Joint augmentation (AffinityNet): random long-side resize in data_cfg.resize_long x ``upscale`` (image
     bilinear, label nearest; ``upscale`` = cfg.affinity.upscale), horizontal flip, brightness/contrast/saturation
-    jitter (data_cfg.color_jitter[:3]), ImageNet normalisation, random crop of ``crop`` (image padded with 0 = the mean colour, label with 255).
+    jitter (data_cfg.color_jitter[:3]), ImageNet normalisation, random crop of ``crop`` (image padded with 0 = the
+    mean colour, label with 255).
     A bad item is recorded in ``.rejects`` and replaced by another one.
     """
 
