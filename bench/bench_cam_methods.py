@@ -25,6 +25,8 @@ from wsss.data import open_dataset
 from wsss.data.synth import make_synthetic
 from wsss.train import evaluate_cams, train
 
+from bench.common import write_table
+
 VARIANTS = [  # (label, paper name, overrides)
     ("cam", "CAM", ["method.name=cam", "model.attention=none"]),
     ("seam", "SEAM", ["method.name=seam", "model.attention=none"]),
@@ -108,12 +110,8 @@ def main(argv=None) -> int:
         lines.append(f"| {name} | {paper} | {init} | {100 * m:.2f} ± {100 * sd:.2f} | "
                      f"{' / '.join(f'{100 * v:.1f}' for v in per)} | {thr:.2f} | {sps:.3f} |")
     lines.append(f"| untrained net | — | random | {100 * (untrained or 0):.2f} | | | |")
-    table = "\n".join(lines)
-    print(table)
+    write_table(lines, args.out, "bench.bench_cam_methods", argv)
     print(f"work folder (checkpoints for bench.bench_refine_quality --work): {work}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(table + "\n\nCommand: `python -m bench.bench_cam_methods "
-                              + " ".join(argv or []) + "`\n")
     return 0
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from bench.common import write_table
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -61,11 +63,7 @@ def main(argv=None) -> int:
                 s = np.concatenate(sims)
                 lines.append(f"| {ckpt.name} | {s.mean():.2f} ± {s.std():.2f} | {row[0]:.2f} | {row[1]:.2f} |")
                 print(lines[-1], flush=True)
-    table = "\n".join(lines)
-    print(table)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(table + "\n\nCommand: `python -m bench.bench_pcm "
-                              + " ".join(argv if argv is not None else []) + "`\n")
+    write_table(lines, args.out, "bench.bench_pcm", argv)
     return 0
 
 

@@ -17,6 +17,8 @@ import json
 import statistics
 from pathlib import Path
 
+from bench.common import write_table
+
 STAGES = ("CAM", "+RW", "+CRF", "+RW+CRF", "+RW (GT affinities)")
 
 
@@ -123,10 +125,7 @@ def main(argv=None) -> int:
             sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
             cells.append(f"{statistics.mean(vals):.2f} ± {sd:.2f}")
         lines.append(f"| {method} ({len(per_seed)} seeds) | " + " | ".join(cells) + " |")
-    table = "\n".join(lines)
-    print(table)
-    Path(args.out).write_text(table + "\n\nCommand: `python -m bench.bench_refine_quality "
-                              + " ".join(argv if argv is not None else []) + "`\n")
+    write_table(lines, args.out, "bench.bench_refine_quality", argv)
     return 0
 
 

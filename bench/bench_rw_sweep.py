@@ -15,6 +15,8 @@ import itertools
 import json
 from pathlib import Path
 
+from bench.common import write_table
+
 
 def _floats(s: str) -> list[float]:
     return [float(v) for v in s.split(",") if v]
@@ -81,11 +83,7 @@ def main(argv=None) -> int:
         for rank, (m, beta, logt, alpha) in enumerate(results[:args.top], 1):
             lines.append(f"| {radius} | {rank} | {beta:g} | {logt} | {alpha:g} | {m:.2f} | {m - cam_miou:+.2f} |")
         print(f"radius {radius}: best {results[0]}", flush=True)
-    table = "\n".join(lines)
-    print(table)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(table + "\n\nCommand: `python -m bench.bench_rw_sweep "
-                              + " ".join(argv if argv is not None else []) + "`\n")
+    write_table(lines, args.out, "bench.bench_rw_sweep", argv)
     return 0
 
 
