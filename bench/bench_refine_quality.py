@@ -59,10 +59,9 @@ def run_one(ckpt: Path, data: str, aff_steps: int, max_val: int, rw_overrides: l
     infer_cams(str(ckpt), data, str(cams), split="train", progress=False)
     # the walk's background power is matched to this threshold when rw.bg_alpha is null (0 and 1 cannot be matched)
     rw_overrides = [f"infer.bg_threshold={min(max(thr, 0.01), 0.99)}"] + rw_overrides
-    base = config.load(ckpt / "config.yaml", rw_overrides)
-    cfg = config.load(ckpt / "config.yaml", [f"affinity.max_steps={aff_steps}", "affinity.epochs=1000",
-                                             f"affinity.crop={base.data.crop * base.affinity.upscale}"]
+    cfg = config.load(ckpt / "config.yaml", [f"affinity.max_steps={aff_steps}", "affinity.epochs=1000"]
                       + rw_overrides)
+    cfg.affinity.crop = cfg.data.crop * cfg.affinity.upscale  # the CAM crop, in AffinityNet input pixels
     aff = train_affinity(cfg, str(cams), data, str(ckpt.parent / f"{ckpt.name}-affinity"), split="train",
                          progress=False)
     val = open_dataset(data, "val")

@@ -117,9 +117,7 @@ def cmd_train_affinity(args) -> int:
 
 
 def cmd_pseudolabel(args) -> int:
-    from wsss.pseudolabel import pseudolabel
-
-    from wsss.pseudolabel import checkpoint_config
+    from wsss.pseudolabel import checkpoint_config, pseudolabel
 
     # without --config the CAM checkpoint's own config is used; --set applies to whichever config is used
     cfg = _load_cfg(args) if args.config else checkpoint_config(args.checkpoint, args.overrides)

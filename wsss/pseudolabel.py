@@ -86,23 +86,24 @@ class RandomWalkStage:
     AffinityNet affinities on the stride-8 grid of the image upscaled by the affinity checkpoint's
     ``affinity.upscale`` u (padded to a multiple of 8), i.e. one grid cell per 8/u input pixels; background
     (1 - max)^cfg.rw.bg_alpha (null: matched to cfg.infer.bg_threshold, see
-    :func:`wsss.refine.random_walk.matched_bg_alpha`), CAM average-pooled to the grid, sparse random walk (beta = cfg.rw.beta,
-    t = 2^cfg.rw.logt, radius cfg.rw.radius), bilinear upsampling, per-pixel normalisation.
+    :func:`wsss.refine.random_walk.matched_bg_alpha`), CAM average-pooled to the grid, sparse random walk
+    (beta = cfg.rw.beta, t = 2^cfg.rw.logt, radius cfg.rw.radius), bilinear upsampling, per-pixel normalisation.
     """
 
     def __init__(self, affinity_checkpoint: str, cfg: Config, device=None):
-        self.cfg = cfg
         import torch
 
-        dev = torch.device(device) if device is not None else resolve_device(cfg)
-        self.net, self.aff_cfg, self.meta = load_affinity_model(affinity_checkpoint, dev, radius=cfg.rw.radius)
-        self.device = dev
-        self.upscale = int(getattr(self.aff_cfg.affinity, "upscale", 1) or 1)
-        from wsss.refine.random_walk import matched_bg_alpha
+        from wsss.refine.random_walk import GRID_STRIDE, matched_bg_alpha
 
+        self.cfg = cfg
+        self.device = torch.device(device) if device is not None else resolve_device(cfg)
+        self.net, self.aff_cfg, self.meta = load_affinity_model(affinity_checkpoint, self.device,
+                                                                radius=cfg.rw.radius)
+        # the affinity checkpoint's own upscale: its AffinityNet only knows images at that scale
+        self.upscale = int(self.aff_cfg.affinity.upscale)
+        self.stride = GRID_STRIDE // self.upscale  # input pixels per grid cell
         a = cfg.rw.bg_alpha
         self.bg_alpha = float(a) if a is not None else matched_bg_alpha(cfg.infer.bg_threshold)
-        self.stride = 8 // self.upscale  # input pixels per grid cell
 
     def affinities(self, image: np.ndarray):
         """(P, h, w) pair affinities of the image on the grid of ``self.stride`` input pixels (on self.device)."""
@@ -112,8 +113,10 @@ class RandomWalkStage:
         from wsss.models.affinity_net import pair_affinities
         from wsss.train import autocast
 
+        from wsss.refine.random_walk import GRID_STRIDE
+
         H, W = image.shape[:2]
-        s = 8
+        s = GRID_STRIDE  # AffinityNet's own stride, on the upscaled image
         x = normalize(image).unsqueeze(0).to(self.device)
         if self.upscale != 1:
             H, W = H * self.upscale, W * self.upscale
