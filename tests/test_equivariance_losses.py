@@ -77,8 +77,11 @@ def test_max_norm_and_topk_and_onehot():
     n = losses.max_norm(cam)
     assert torch.allclose(n.amax(dim=(2, 3)), torch.ones(1, 2), atol=1e-4)
     assert float(n.min()) >= 0
-    oh = losses.max_onehot(cam)
-    assert torch.equal(oh, torch.tensor([[[[0.0, 2.0], [4.0, 0.0]], [[1.0, 0.0], [0.0, 5.0]]]]))
+    # SEAM's max_onehot: channel 0 (background) kept; arg-max among the foreground channels only
+    cam3 = torch.cat([cam, torch.tensor([[[[2.0, 0.5], [3.0, 6.0]]]])], dim=1)
+    oh = losses.max_onehot(cam3)
+    assert torch.equal(oh, torch.tensor([[[[0.0, 2.0], [4.0, -1.0]], [[0.0, 1.0], [3.0, 0.0]],
+                                          [[2.0, 0.0], [3.0, 6.0]]]]))
     err = torch.arange(10, dtype=torch.float32).view(1, 10)
     assert float(losses.topk_mean(err, 0.2)) == 8.5
     lab = losses.label_mask(torch.tensor([[0.0, 1.0]]))

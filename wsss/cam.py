@@ -1,5 +1,14 @@
 """CAM inference: multi-scale + flip (SEAM: scales 0.5, 1, 1.5, 2 x flip = 8 passes), PCM output, per-class
-max-normalisation, background by a threshold.
+normalisation, background by a threshold.
+
+Two scorings, each as its public code (``infer.use_pcm``):
+- PCM output (SEAM's infer_SEAM.py): per pass, cam_rv upsampled to the pass's input size (bilinear,
+  align_corners=True, as SEAM's network returns it), then to the image size (align_corners=False); the passes
+  summed, negatives clipped, per-channel min-max normalisation.
+- raw CAM (PSA's infer_cls.py): per pass ReLU(cam) upsampled to the image size (align_corners=False); summed;
+  divided by the per-channel max.
+Each scale's image is resized as both codes do (PIL bicubic of the uint8 image; ``infer.resample: bilinear``
+resizes the normalised tensor instead).
 
 Per-image file format (``<out>/<id>.npz``, written atomically):
   ``cam``  float16 (K', H, W) in [0, 1] at the image's resolution, one plane per positive class of the image;
@@ -15,6 +24,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from wsss.config import Config, resolve_device
 
@@ -63,15 +73,25 @@ class CamInferencer:
         x = normalize(image).unsqueeze(0).to(self.device)
         total = None
         logits1 = None
+        pcm_scored = False
         for s in self.scales:
             size = (max(8, int(round(h * s))), max(8, int(round(w * s))))
-            xs = F.interpolate(x, size=size, mode="bilinear", align_corners=False) if size != (h, w) else x
+            if size == (h, w):
+                xs = x
+            elif self.cfg.infer.resample == "bicubic":  # PIL bicubic on the uint8 image (PSA / SEAM MSF loaders)
+                pil = Image.fromarray(np.ascontiguousarray(image)).resize((size[1], size[0]), Image.BICUBIC)
+                xs = normalize(np.asarray(pil)).unsqueeze(0).to(self.device)
+            else:
+                xs = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
             if self.flip:
                 xs = torch.cat([xs, torch.flip(xs, dims=(-1,))], dim=0)
             with autocast(self.device, self.cfg.optim.amp):
                 out = self.model(xs)
-            cam = out["cam_rv"] if (self.use_pcm and out.get("cam_rv") is not None) else out["cam"]
-            cam = F.relu(cam.float())
+            pcm_scored = self.use_pcm and out.get("cam_rv") is not None
+            if pcm_scored:  # SEAM: cam_rv at the pass's input size (align_corners=True), then the image size
+                cam = F.interpolate(out["cam_rv"].float(), size=size, mode="bilinear", align_corners=True)
+            else:  # PSA: ReLU per pass
+                cam = F.relu(out["cam"].float())
             cam = F.interpolate(cam, size=(h, w), mode="bilinear", align_corners=False)
             if self.flip:
                 cam = cam[0:1] + torch.flip(cam[1:2], dims=(-1,))
@@ -85,10 +105,14 @@ class CamInferencer:
         else:
             labels_t = torch.as_tensor(np.asarray(labels), dtype=torch.float32, device=self.device)
         keys = torch.nonzero(labels_t > 0.5).flatten() + 1
-        cam = total[keys]
+        cam = F.relu(total[keys])
         flat = cam.reshape(cam.shape[0], -1)
         mx = flat.max(dim=1)[0].reshape(-1, 1, 1)
-        cam = cam / (mx + 1e-5)
+        if pcm_scored:  # SEAM: per-channel min-max (values at the minimum go to 0)
+            mn = flat.min(dim=1)[0].reshape(-1, 1, 1)
+            cam = (cam - mn - 1e-5) / (mx - mn + 1e-5)
+        else:  # PSA: divided by the max
+            cam = cam / (mx + 1e-5)
         return cam.clamp(0, 1).cpu().numpy().astype(np.float32), keys.cpu().numpy().astype(np.int64)
 
 

@@ -20,7 +20,8 @@ class ConfigError(ValueError):
     """A config key or value is wrong; the message names the key."""
 
 
-METHODS = ("cam", "seam", "sse", "daen")
+METHODS = ("cam", "er", "seam", "sse", "daen")
+ER_GRIDS = ("input", "feature")
 ATTENTIONS = ("none", "channel", "spatial", "csm")
 BACKBONES = ("resnet38", "resnet50", "tiny")
 TRANSFORMS = ("rescale", "flip")
@@ -52,14 +53,22 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = "daen"                  # cam | seam | sse | daen
+    name: str = "daen"                  # cam | er | seam | sse | daen  (er: siamese CAM + ER only, no PCM/ECR)
     transform: str = "rescale"          # equivariant transform A: rescale | flip
     scale: float = 0.3                  # SEAM/SSENet: branch 2 sees the image downscaled by 0.3
     sse_scales: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.75])  # SSENet variant: A draws one
     w_cla: float = 1.0                  # SEAM/DAEN: all loss weights 1
     w_eq: float = 1.0
     w_ce: float = 1.0
-    ecr_topk: float = 0.2               # SEAM public code: ECR averaged over the hardest 20 %
+    w_rvmin: float = 1.0                # SEAM: adaptive min-pooling loss on the PCM output, added to L_cla (weight 1)
+    ecr_topk: float = 0.2               # SEAM public code: ECR averaged over the hardest 20 % of C*h*w per sample
+    # Grid of L_cla / ER / ECR / rvmin: "input" = SEAM's code (CAM and PCM output bilinearly upsampled to the input
+    # size, align_corners=True; branch 1 max-normed there, then rescaled to branch 2's input size); "feature" = the
+    # earlier comparison on branch 2's stride-8 CAM grid.
+    er_grid: str = "input"
+    # ER divides its sum over the K foreground channels by this many classes; null = K (SEAM: the mean). 20 gives
+    # each positive class the pull it has on VOC (20 classes) on a set with fewer classes.
+    er_classes: int | None = None
     warmup_steps: int = 0               # ramp w_eq/w_ce linearly from 0 over this many steps (0 = papers:
                                         # off). For backbones trained from scratch, e.g. the synthetic set.
 
@@ -84,6 +93,7 @@ class InferConfig:
     flip: bool = True                   # SEAM: x flip -> 8 passes
     bg_threshold: float = 0.26          # SEAM: alpha = 0.26 for CAM labels (PSA 0.2, IRN 0.15)
     use_pcm: bool = True                # SEAM: inference uses the PCM output
+    resample: str = "bicubic"           # image resize per scale: bicubic (PIL, as PSA/SEAM) | bilinear (tensor)
 
 
 @dataclass
@@ -147,7 +157,7 @@ class Config:
 
     @property
     def siamese(self) -> bool:
-        return self.method.name in ("seam", "daen", "sse")
+        return self.method.name in ("er", "seam", "daen", "sse")
 
     @property
     def uses_pcm(self) -> bool:
@@ -175,10 +185,13 @@ class Config:
         _check(0 < self.method.scale < 1, "method.scale", self.method.scale, "in (0, 1)")
         _check(all(0 < s < 1 for s in self.method.sse_scales) and self.method.sse_scales,
                "method.sse_scales", self.method.sse_scales, "non-empty, each in (0, 1)")
-        for k in ("w_cla", "w_eq", "w_ce"):
+        for k in ("w_cla", "w_eq", "w_ce", "w_rvmin"):
             _check(getattr(self.method, k) >= 0, f"method.{k}", getattr(self.method, k), ">= 0")
         _check(self.method.warmup_steps >= 0, "method.warmup_steps", self.method.warmup_steps, ">= 0")
         _check(0 < self.method.ecr_topk <= 1, "method.ecr_topk", self.method.ecr_topk, "in (0, 1]")
+        _check(self.method.er_grid in ER_GRIDS, "method.er_grid", self.method.er_grid, f"one of {ER_GRIDS}")
+        _check(self.method.er_classes is None or self.method.er_classes >= 1, "method.er_classes",
+               self.method.er_classes, ">= 1 or null")
         _check(self.optim.clip_grad_norm is None or self.optim.clip_grad_norm > 0, "optim.clip_grad_norm",
                self.optim.clip_grad_norm, "> 0 or null")
         _check(self.optim.lr > 0, "optim.lr", self.optim.lr, "> 0")
@@ -193,6 +206,8 @@ class Config:
                "data.resize_long", self.data.resize_long, "[min, max] with 0 < min <= max")
         _check(len(self.infer.scales) >= 1 and all(s > 0 for s in self.infer.scales), "infer.scales",
                self.infer.scales, "non-empty, each > 0")
+        _check(self.infer.resample in ("bicubic", "bilinear"), "infer.resample", self.infer.resample,
+               "bicubic or bilinear")
         _check(0 <= self.infer.bg_threshold <= 1, "infer.bg_threshold", self.infer.bg_threshold, "in [0, 1]")
         _check(self.rw.logt >= 0, "rw.logt", self.rw.logt, ">= 0")
         _check(self.rw.beta >= 0, "rw.beta", self.rw.beta, ">= 0")

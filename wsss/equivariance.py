@@ -9,6 +9,7 @@ The SSENet variant (``method: sse``) draws one scale per step from ``cfg.method.
 """
 from __future__ import annotations
 
+import math
 import random
 
 import torch
@@ -40,7 +41,8 @@ class Rescale(Transform):
         self.scale = float(scale)
 
     def out_size(self, size: tuple[int, int]) -> tuple[int, int]:
-        return (max(1, int(round(size[0] * self.scale))), max(1, int(round(size[1] * self.scale))))
+        """floor(size * scale), as ``F.interpolate(scale_factor=...)`` in SEAM's code (448 -> 134 at 0.3)."""
+        return (max(1, math.floor(size[0] * self.scale)), max(1, math.floor(size[1] * self.scale)))
 
     def apply(self, x):
         return F.interpolate(x, size=self.out_size(x.shape[-2:]), mode="bilinear", align_corners=True)

@@ -3,7 +3,9 @@
 ``Objective`` holds the whole forward of one training step (one or two branches and the losses), so that a
 DDP-wrapped objective sees exactly one forward per backward. Methods (``cfg.method.name``):
 - ``cam``:  single branch, L_cla only (plain CAM baseline);
-- ``seam``: siamese, shared weights, branch 2 sees A(image); L_cla + L_eq (ER) + L_ce (ECR) with PCM;
+- ``er``:   siamese, branch 2 sees A(image); L_cla + L_eq (ER, L1) only: no PCM, no ECR, no background channel;
+- ``seam``: siamese, shared weights, branch 2 sees A(image); L_cla + L_rvmin + L_eq (ER) + L_ce (ECR) with PCM,
+  computed as SEAM's train_SEAM.py (``method.er_grid: input``: maps upsampled to the input size first);
 - ``daen``: ``seam`` + channel-spatial attention (CSM) on the backbone output (attention from cfg.attention);
 - ``sse``:  siamese with a scale drawn from ``method.sse_scales``, no PCM, L_cla + L_eq (MSE, as SSENet).
 Optimisation as DAEN Sec. 4.1 / SEAM: SGD, poly lr (0.01, power 0.9), new layers x10 (biases x20).
@@ -59,25 +61,53 @@ class Objective(nn.Module):
         if self.training:
             self.steps_seen += 1
         out1 = self.net(image)
-        l_cla1 = losses.classification_loss(out1["logits"], labels)
         zero = image.new_zeros(()).float()
         if not cfg.siamese:
-            return {"loss": m.w_cla * l_cla1, "cla": l_cla1, "eq": zero, "ce": zero}
+            l_cla1 = losses.classification_loss(out1["logits"], labels)
+            return {"loss": m.w_cla * l_cla1, "cla": l_cla1, "rvmin": zero, "eq": zero, "ce": zero}
         A = make_transform(m, self.rng)
-        out2 = self.net(A.apply(image))
-        l_cla = 0.5 * (l_cla1 + losses.classification_loss(out2["logits"], labels))
+        image2 = A.apply(image)
+        out2 = self.net(image2)
+        with_pcm = cfg.uses_pcm and out1.get("cam_rv") is not None and out2.get("cam_rv") is not None
+        if m.er_grid == "input":
+            # SEAM's network returns cam and cam_rv bilinearly upsampled to its input (align_corners=True), and
+            # every loss (the GAP of L_cla included) is computed on those maps
+            cam1_raw, cam2_raw = _to_size(out1["cam"], image.shape[-2:]), _to_size(out2["cam"], image2.shape[-2:])
+            logits1, logits2 = _gap_fg(cam1_raw), _gap_fg(cam2_raw)
+            rv1_raw = _to_size(out1["cam_rv"], image.shape[-2:]) if with_pcm else None
+            rv2_raw = _to_size(out2["cam_rv"], image2.shape[-2:]) if with_pcm else None
+        else:
+            cam1_raw, cam2_raw, logits1, logits2 = out1["cam"], out2["cam"], out1["logits"], out2["logits"]
+            rv1_raw, rv2_raw = (out1["cam_rv"], out2["cam_rv"]) if with_pcm else (None, None)
+        l_cla = 0.5 * (losses.classification_loss(logits1, labels) + losses.classification_loss(logits2, labels))
         lab = losses.label_mask(labels)
-        size2 = out2["cam"].shape[-2:]
-        cam1 = A.apply_to(losses.max_norm(out1["cam"]), size2) * lab
-        cam2 = losses.max_norm(out2["cam"]) * lab
-        l_eq = losses.equivariant_loss(cam1, cam2, kind="mse" if m.name == "sse" else "l1")
-        l_ce = zero
-        if cfg.uses_pcm and out1.get("cam_rv") is not None:
-            rv1 = A.apply_to(losses.max_norm(out1["cam_rv"]), size2) * lab
-            rv2 = losses.max_norm(out2["cam_rv"]) * lab
+        size2 = cam2_raw.shape[-2:]
+        cam1 = A.apply_to(losses.max_norm(cam1_raw), size2) * lab
+        cam2 = losses.max_norm(cam2_raw) * lab
+        l_eq = losses.equivariant_loss(cam1, cam2, kind="mse" if m.name == "sse" else "l1",
+                                       num_classes=m.er_classes)
+        l_ce = l_rvmin = zero
+        if with_pcm:
+            l_rvmin = 0.5 * (losses.adaptive_min_pooling_loss((rv1_raw * lab)[:, 1:])
+                             + losses.adaptive_min_pooling_loss((rv2_raw * lab)[:, 1:]))
+            rv1 = A.apply_to(losses.max_norm(rv1_raw), size2) * lab
+            rv2 = losses.max_norm(rv2_raw) * lab
             l_ce = losses.cross_equivariant_loss(cam1, rv1, cam2, rv2, m.ecr_topk)
-        loss = m.w_cla * l_cla + ramp * (m.w_eq * l_eq + m.w_ce * l_ce)
-        return {"loss": loss, "cla": l_cla, "eq": l_eq, "ce": l_ce}
+        loss = m.w_cla * l_cla + m.w_rvmin * l_rvmin + ramp * (m.w_eq * l_eq + m.w_ce * l_ce)
+        return {"loss": loss, "cla": l_cla, "rvmin": l_rvmin, "eq": l_eq, "ce": l_ce}
+
+
+def _to_size(x: torch.Tensor, size) -> torch.Tensor:
+    """Bilinear resize to ``size`` with align_corners=True (SEAM's network output); float32; no-op when equal."""
+    x = x.float()
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return torch.nn.functional.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
+
+
+def _gap_fg(cam: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) CAM -> (B, C-1) global average pool of the foreground channels (SEAM's label1/label2)."""
+    return cam[:, 1:].mean(dim=(2, 3))
 
 
 def build_optimizer(net: nn.Module, cfg: Config) -> torch.optim.Optimizer:

@@ -6,9 +6,10 @@ No temperature, no softmax (as SEAM's code).
 
 The CAM fed in is prepared without gradient (:func:`prepare_cam`): ReLU, per-channel max-norm (+1e-5),
 background = 1 - max over the foreground channels, and every foreground channel zeroed except at pixels where it
-is the arg-max.  Features: concat(image resized to the CAM size (3 ch), relu(1x1 conv f4 -> 64),
-relu(1x1 conv f5 -> 128)) -> 1x1 conv 195 -> 192; backbone features are detached, so the PCM trains only its
-own projections.  Names map to SEAM's checkpoint keys: ``proj4`` = ``f8_3``, ``proj5`` = ``f8_4``, ``proj`` = ``f9``.
+is the arg-max.  Features: concat(image resized to the CAM size (3 ch, bilinear, align_corners=True as SEAM),
+relu(1x1 conv f4 -> 64), relu(1x1 conv f5 -> 128)) -> 1x1 conv 195 -> 192; backbone features are detached, so
+the PCM trains only its own projections.  Names map to SEAM's checkpoint keys: ``proj4`` = ``f8_3``,
+``proj5`` = ``f8_4``, ``proj`` = ``f9``.
 """
 from __future__ import annotations
 
@@ -55,11 +56,11 @@ class PCM(nn.Module):
     def features(self, image: torch.Tensor, f4: torch.Tensor, f5: torch.Tensor,
                  size: tuple[int, int]) -> torch.Tensor:
         """(B, dim, h, w) per-pixel L2-normalised features at ``size``."""
-        def fit(t: torch.Tensor) -> torch.Tensor:
+        def fit(t: torch.Tensor) -> torch.Tensor:  # bilinear, align_corners=True as SEAM's image resize
             return t if tuple(t.shape[-2:]) == tuple(size) else F.interpolate(
-                t, size=size, mode="bilinear", align_corners=False)
+                t, size=size, mode="bilinear", align_corners=True)
 
-        img = F.interpolate(image.float(), size=size, mode="bilinear", align_corners=False)
+        img = fit(image.float())
         a = F.relu(self.proj4(fit(f4.detach().float())))
         b = F.relu(self.proj5(fit(f5.detach().float())))
         f = self.proj(torch.cat([img, a, b], dim=1))
