@@ -128,6 +128,41 @@ def cmd_pseudolabel(args) -> int:
     return 0
 
 
+def cmd_train_seg(args) -> int:
+    from wsss.metrics import format_table
+    from wsss.seg.config import load_seg_config
+    from wsss.seg.train import train_seg
+
+    cfg = load_seg_config(args.config, args.overrides)
+    if args.data:
+        cfg.data.root = args.data
+    if args.labels:
+        cfg.data.labels = args.labels
+    res = train_seg(cfg, args.out or cfg.out, progress=not args.quiet)
+    for r in res["rejects"][:20]:
+        print(f"rejected {r[0]}: {r[1]}", file=sys.stderr)
+    val = res.get("val") or {}
+    for p in val.get("protocols", []):
+        print(format_table(val[p], title=f"val mIoU, {p}"))
+    print(f"train-seg: {res['steps']} steps in {res['train_seconds']:.1f}s ({res['images_per_s']:.1f} img/s) on "
+          f"{res['n_train']} images, {len(res['rejects'])} rejected; "
+          + "".join(f"{p} {100 * val[p]['miou']:.2f}%, " for p in val.get("protocols", []))
+          + f"checkpoint {res['checkpoint']}")
+    return 0
+
+
+def cmd_predict_seg(args) -> int:
+    from wsss.seg.predict import predict_folder
+
+    res = predict_folder(args.checkpoint, args.data, args.out, split=args.split, multi_scale=args.multi_scale,
+                         crf=args.crf, progress=not args.quiet, overrides=args.overrides)
+    for i, r in res["rejects"][:20]:
+        print(f"rejected {i}: {r}", file=sys.stderr)
+    print(f"predict-seg: {res['n_written']} written, {res['n_skipped']} already there, {res['n_rejected']} rejected "
+          f"({res['images_per_s']:.2f} img/s) -> {res['out']}")
+    return 0
+
+
 def _job(module: str, argv: list[str]) -> int:
     mod = importlib.import_module(f"jobs.{module}")
     rc = mod.main(argv)
@@ -199,6 +234,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stages", default="cam,rw,crf")
     s.set_defaults(fn=cmd_pseudolabel)
 
+    s = sub.add_parser("train-seg", help="train the segmentation network on pseudo labels (add --cluster for Ray "
+                       "Train; see jobs/train_seg.py)")
+    _add_config(s, required=True)
+    s.add_argument("--data", help="dataset root or shard folder (overrides data.root)")
+    s.add_argument("--labels", help="pseudo-label folder / s3:// prefix (overrides data.labels)")
+    s.add_argument("--out", help="checkpoint folder (overrides out)")
+    s.set_defaults(fn=cmd_train_seg)
+
+    s = sub.add_parser("predict-seg", help="label PNGs from a segmentation checkpoint for an image folder, dataset "
+                       "or shard set (add --cluster for Ray Data)")
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--data", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--split")
+    s.add_argument("--multi-scale", action="store_true", help="eval.scales x flip of the checkpoint's config")
+    s.add_argument("--crf", action="store_true", help="dense CRF after the network (the checkpoint's crf.*)")
+    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    s.set_defaults(fn=cmd_predict_seg)
+
     for verb, helptext in (("shard", "dataset -> Parquet shards (local or s3://)"),
                            ("tune", "Ray Tune search over loss weights and attention"),
                            ("demo", "the whole main job on the embedded local stack")):
@@ -207,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-CLUSTER_VERBS = {"train": "train", "pseudolabel": "pseudolabel", "evaluate": "evaluate"}
+CLUSTER_VERBS = {"train": "train", "pseudolabel": "pseudolabel", "evaluate": "evaluate",
+                 "train-seg": "train_seg", "predict-seg": "predict_seg"}
 
 
 def main(argv: list[str] | None = None) -> int:
