@@ -20,8 +20,10 @@ from typing import Any
 
 log = logging.getLogger("wsss.jobs")
 
-# Environment variables Ray itself should see identically everywhere (REFERENCE.md §2).
-_RAY_ENV_DEFAULTS = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+# Defaults for a private local cluster started by this process (loopback only, no auth: REFERENCE.md §2). A driver
+# that joins a cluster keeps the environment it was given: on a real cluster the nodes' own RAY_AUTH_MODE (token)
+# and the job's runtime_env decide, and nothing of Ray's is pushed into worker runtime envs.
+_LOCAL_RAY_ENV_DEFAULTS = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 # ---- arguments ------------------------------------------------------------------------------------------
@@ -34,6 +36,11 @@ def add_cluster_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                    help="Ray address to join (auto, host:port, ray://host:10001, or 'local' for a private cluster)")
     g.add_argument("--num-cpus", type=int, default=None,
                    help="logical CPUs of a private local cluster (default: Ray's detection)")
+    g.add_argument("--max-resources", default=None, metavar="CPU=N,GPU=N,...",
+                   help="what the cluster can scale to, for planning (default: --cluster-config, else "
+                        "~/ray_bootstrap_config.yaml on a `ray up` head, else the nodes up now)")
+    g.add_argument("--cluster-config", default=None,
+                   help="Ray cluster launcher YAML whose node types x max_workers bound the plan (e.g. ray_cluster.yaml)")
     g.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     return parser
 
@@ -128,7 +135,8 @@ def ship_credentials() -> bool:
 
 
 def s3_runtime_env_vars() -> dict[str, str]:
-    """The S3 environment the Ray workers need (cluster.storage.s3_env_vars) plus Ray's own switches."""
+    """The S3 environment the Ray workers need (cluster.storage.s3_env_vars); no Ray settings (RAY_AUTH_MODE is the
+    cluster's, set on every node)."""
     env: dict[str, str] = {}
     try:
         from cluster.storage import s3_env_vars
@@ -137,8 +145,6 @@ def s3_runtime_env_vars() -> dict[str, str]:
                     if v is not None})
     except ImportError:  # pragma: no cover - storage layer missing
         pass
-    for k, default in _RAY_ENV_DEFAULTS.items():
-        env[k] = os.environ.get(k, default)
     return env
 
 
@@ -146,54 +152,32 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, runtime_en
              **kwargs) -> dict:
     """``ray.init`` once (no-op when Ray is already initialised in this process, e.g. by a test fixture).
 
-    The runtime environment carries the S3 settings (endpoint, region, checksum mode; credentials only with
-    ``WSSS_SHIP_CREDENTIALS=1``, see :func:`ship_credentials`) so that tasks and actors on other nodes reach the
-    same store. Returns ``ray.cluster_resources()``."""
+    ``address="local"`` (the default outside a cluster) starts a private cluster on this machine, with auth off
+    (loopback only) unless RAY_AUTH_MODE says otherwise, and the S3 settings (endpoint, region, checksum mode;
+    credentials only with ``WSSS_SHIP_CREDENTIALS=1``, see :func:`ship_credentials`) in its runtime env. Joining a
+    cluster passes only ``runtime_env`` if given: a submitted job already has the job's runtime_env (which Ray gives
+    every task and actor of the job), and nodes have their own environment. Returns ``ray.cluster_resources()``."""
     import ray
 
-    for k, v in _RAY_ENV_DEFAULTS.items():
-        os.environ.setdefault(k, v)
     if not ray.is_initialized():
         address = address or resolve_address()
         env = dict(runtime_env or {})
-        env_vars = dict(s3_runtime_env_vars())
-        env_vars.update(env.get("env_vars") or {})
-        # Inside a submitted job Ray merges the job's runtime_env with ours and refuses any key set twice:
-        # leave out what the job already sets (the job's values win).
-        job_env = _job_runtime_env()
-        if job_env is not None:
-            for k in (job_env.get("env_vars") or {}):
-                env_vars.pop(k, None)
-            for k in list(env):
-                if k in job_env and k != "env_vars":
-                    env.pop(k)
-        if env_vars:
-            env["env_vars"] = env_vars
-        else:
-            env.pop("env_vars", None)
-        init_kwargs: dict[str, Any] = dict(address=address, runtime_env=env or None, logging_level=logging.WARNING,
-                                           log_to_driver=True)
+        init_kwargs: dict[str, Any] = dict(address=address, logging_level=logging.WARNING, log_to_driver=True)
         if address == "local":
+            for k, v in _LOCAL_RAY_ENV_DEFAULTS.items():
+                os.environ.setdefault(k, v)
+            env_vars = dict(s3_runtime_env_vars())
+            env_vars.update(env.get("env_vars") or {})
+            if env_vars:
+                env["env_vars"] = env_vars
             init_kwargs["include_dashboard"] = False
             if num_cpus is not None:
                 init_kwargs["num_cpus"] = num_cpus
+        init_kwargs["runtime_env"] = env or None
         init_kwargs.update(kwargs)
         log.info("ray.init(address=%s)", address)
         ray.init(**init_kwargs)
     return dict(ray.cluster_resources())
-
-
-def _job_runtime_env() -> dict | None:
-    """The runtime_env of the Ray job this driver runs in (``ray job submit``), or None outside a job."""
-    import json
-
-    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
-    if not raw:
-        return None
-    try:
-        return dict(json.loads(raw).get("runtime_env") or {})
-    except (ValueError, AttributeError):
-        return {}
 
 
 def quiet_data_progress(force: bool | None = None) -> None:

@@ -3,7 +3,7 @@
 Pipeline (each stage on the resources it needs, all stages streaming at once)::
 
     read shards (Parquet, local or s3://)  ->  drop ids already done (resume)  ->  decode/validate (CPU tasks;
-    a bad image becomes a reject row)  ->  CAM inference (actor pool, 1 GPU per actor when the cluster has GPUs)
+    a bad image becomes a reject row)  ->  CAM inference (actor pool, 1 GPU per actor with --use-gpu)
     ->  affinity + random walk (actor pool, when "rw" in --stages)  ->  dense CRF (CPU tasks, when "crf")
     ->  each row's label PNG written by the last stage, plus one results part file per batch.
 
@@ -41,6 +41,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable
 
 import numpy as np
+
+from cluster import resources as cres
 
 STAGE_NAMES = ("cam", "rw", "crf")
 RESULTS_DIR = "results"
@@ -577,18 +579,41 @@ def _read_checkpoint_config(checkpoint: str, overrides: list[str]):
     return cfg, list(names)
 
 
+DEFAULT_GPUS_PER_RW_ACTOR = 0.25  # README: the walk can share the CAM GPUs (0.25-0.5)
+
+
+def pipeline_plan(stages, cam_actors: int, rw_actors: int, crf_tasks: int | None, use_gpu: bool,
+                  gpus_per_cam_actor: float = 1.0, gpus_per_rw_actor: float = DEFAULT_GPUS_PER_RW_ACTOR) -> list:
+    """The bundles the pipeline holds at once, as ``(what, count, bundle)`` for ``cluster.resources.check_plan``:
+    the actor pools (1 CPU each, plus their GPU share with ``use_gpu``), one decode task, >= 1 CRF task."""
+    st = list(stages)
+    gpu = (lambda g: {"GPU": float(g)}) if use_gpu else (lambda g: {})
+    plan = [("CAM actor", int(cam_actors), {"CPU": 1.0, **gpu(gpus_per_cam_actor)})]
+    if "rw" in st:
+        plan.append(("random-walk actor", int(rw_actors), {"CPU": 1.0, **gpu(gpus_per_rw_actor)}))
+    plan.append(("decode task", 1, {"CPU": 1.0}))
+    if "crf" in st:
+        plan.append(("CRF task", int(crf_tasks or 1), {"CPU": 1.0}))
+    return plan
+
+
 def run_pseudolabel(checkpoint: str, shards_uri: str, out_uri: str, affinity: str | None = None,
                     stages: Iterable[str] | str = ("cam", "rw", "crf"), cam_actors: int = 1, rw_actors: int = 1,
                     crf_tasks: int | None = None, batch_size: int = 4, cfg_overrides: list[str] | None = None,
-                    address: str | None = None, use_gpu: bool | None = None, gpus_per_cam_actor: float = 1.0,
-                    gpus_per_rw_actor: float = 1.0, actor_threads: int | None = 1,
+                    address: str | None = None, use_gpu: bool = False, gpus_per_cam_actor: float = 1.0,
+                    gpus_per_rw_actor: float | None = None, actor_threads: int | None = 1,
                     max_images: int | None = None, retry_rejected: bool = True, actor_wait_s: int = 600,
-                    num_cpus: int | None = None, progress: bool = True, verbose: bool = True) -> dict:
+                    num_cpus: int | None = None, progress: bool = True, verbose: bool = True,
+                    max_resources: str | dict | None = None, cluster_config: str | None = None) -> dict:
     """Pseudo-label every image of the shard set at ``shards_uri`` into ``out_uri`` with Ray Data.
 
     stages: ordered subset of cam, rw, crf starting with cam (rw needs ``affinity``). cam_actors / rw_actors:
-    actor pool sizes (each actor takes ``gpus_per_*`` GPUs when the cluster has GPUs, else 1 CPU and
-    ``actor_threads`` torch threads); crf_tasks: max concurrent CRF tasks (None: as many as CPUs allow).
+    actor pool sizes (with ``use_gpu`` each actor takes 1 CPU and ``gpus_per_*`` GPUs: 1 per CAM actor, 0.25 per
+    random-walk actor by default; without, 1 CPU and ``actor_threads`` torch threads); crf_tasks: max concurrent
+    CRF tasks (None: as many as CPUs allow). The plan is checked against what the cluster can scale to
+    (``max_resources`` / ``cluster_config`` / the launcher's bootstrap config, else the nodes up now; see
+    ``cluster.resources.resolve_capacity``) and requested from the autoscaler; only a plan that can never fit
+    is an error.
     batch_size: rows per block/batch between stages. cfg_overrides: ``key=value`` overrides of the CAM
     checkpoint's config (infer.*, rw.*, crf.*). max_images: process at most this many not-yet-done images.
     Returns a summary dict with ``stage_stats`` (per-operator rows/s).
@@ -629,15 +654,15 @@ def run_pseudolabel(checkpoint: str, shards_uri: str, out_uri: str, affinity: st
         else:  # pragma: no cover
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
             ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", num_cpus=num_cpus)
-    resources = ray.cluster_resources()
-    has_gpu = resources.get("GPU", 0) > 0 if use_gpu is None else bool(use_gpu)
-    have_cpus = resources.get("CPU", 0)
-    need = cpus_needed  # GPU actors also take 1 CPU each
-    if have_cpus < need:
-        # Ray Data would start the actors and then wait forever for a free CPU for the decode/CRF tasks.
-        raise ValueError(f"the Ray cluster has {have_cpus:g} CPUs but this pipeline needs {need} at once "
-                         f"({cam_actors} CAM + {rw_actors if 'rw' in st else 0} RW actors, 1 decode task, "
-                         f"{int(crf_tasks or 1) if 'crf' in st else 0} CRF tasks): use fewer actors/tasks or more CPUs")
+    has_gpu = bool(use_gpu)
+    if gpus_per_rw_actor is None:
+        gpus_per_rw_actor = DEFAULT_GPUS_PER_RW_ACTOR
+    # Every bundle the pipeline holds at once must fit what the cluster can scale to (else Ray Data would start
+    # the actors and wait forever for a CPU for the decode/CRF tasks); the autoscaler is asked for all of them.
+    plan = pipeline_plan(st, cam_actors, rw_actors, crf_tasks, has_gpu, gpus_per_cam_actor, gpus_per_rw_actor)
+    capacity = cres.resolve_capacity(max_resources, cluster_config)
+    cres.check_plan(plan, capacity)
+    requested = capacity.autoscaling and cres.request_bundles(cres.expand(plan))
 
     t_start = time.perf_counter()
     fs.makedirs(out_uri)
@@ -681,6 +706,8 @@ def run_pseudolabel(checkpoint: str, shards_uri: str, out_uri: str, affinity: st
                     n_rej += 1
                     new_rejects.append((str(i), str(r)))
     pipe_s = time.perf_counter() - t_pipe
+    if requested:
+        cres.release_request()  # the nodes may scale down once idle
     stats_text = ds.stats() if ds is not None else ""
     stage_stats = parse_stats(stats_text)
     compaction = compact_results(out_uri)
@@ -728,10 +755,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rw-actors", type=int, default=1, help="random-walk actor pool size")
     p.add_argument("--crf-tasks", type=int, default=None, help="max concurrent CRF tasks (default: CPUs allow)")
     p.add_argument("--batch-size", type=int, default=4, help="rows per batch/block between stages")
-    p.add_argument("--gpus-per-cam-actor", type=float, default=1.0)
-    p.add_argument("--gpus-per-rw-actor", type=float, default=1.0)
+    p.add_argument("--use-gpu", action="store_true",
+                   help="CAM and random-walk actors on GPUs (the cluster's GPU nodes may still be scaling up)")
+    p.add_argument("--gpus-per-cam-actor", type=float, default=1.0, help="with --use-gpu (default 1)")
+    p.add_argument("--gpus-per-rw-actor", type=float, default=None,
+                   help=f"with --use-gpu (default {DEFAULT_GPUS_PER_RW_ACTOR}: the walk is cheap, actors share a GPU)")
     p.add_argument("--actor-threads", type=int, default=1, help="torch threads per CPU actor (default 1)")
-    p.add_argument("--cpu", action="store_true", help="do not use GPUs even if the cluster has them")
+    p.add_argument("--cpu", action="store_true", help="no GPUs (the default without --use-gpu)")
     p.add_argument("--max-images", type=int, default=None, help="process at most N not-yet-done images")
     p.add_argument("--skip-rejected", action="store_true", help="do not retry ids rejected by an earlier run")
     p.add_argument("--actor-wait-s", type=int, default=600,
@@ -742,6 +772,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cluster", action="store_true", help="join the running cluster (RAY_ADDRESS or auto)")
     p.add_argument("--num-cpus", type=int, default=None,
                    help="logical CPUs of a private local cluster (default: enough for every pool)")
+    p.add_argument("--max-resources", default=None, metavar="CPU=N,GPU=N",
+                   help="what the cluster can scale to, for the plan check (default: --cluster-config, else the "
+                        "launcher's ~/ray_bootstrap_config.yaml, else the nodes up now)")
+    p.add_argument("--cluster-config", default=None, help="Ray cluster launcher YAML bounding the plan")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", default=None, help="write the summary JSON here too")
     return p
@@ -758,11 +792,12 @@ def main(argv: list[str] | None = None) -> int:
         res = run_pseudolabel(args.checkpoint, args.data, args.out, affinity=args.affinity, stages=args.stages,
                               cam_actors=args.cam_actors, rw_actors=args.rw_actors, crf_tasks=args.crf_tasks,
                               batch_size=args.batch_size, cfg_overrides=args.overrides, address=address,
-                              use_gpu=False if args.cpu else None, gpus_per_cam_actor=args.gpus_per_cam_actor,
+                              use_gpu=args.use_gpu and not args.cpu, gpus_per_cam_actor=args.gpus_per_cam_actor,
                               gpus_per_rw_actor=args.gpus_per_rw_actor, actor_threads=args.actor_threads,
                               max_images=args.max_images, retry_rejected=not args.skip_rejected,
                               actor_wait_s=args.actor_wait_s, num_cpus=args.num_cpus,
-                              progress=not args.no_progress)
+                              progress=not args.no_progress, max_resources=args.max_resources,
+                              cluster_config=args.cluster_config)
     except (FileNotFoundError, ValueError) as e:
         print(f"pseudolabel: error: {_redact(_one_line(e))}", file=sys.stderr)
         return 2

@@ -12,7 +12,12 @@ Storage: ``RunConfig(name, storage_path, storage_filesystem)`` from ``cluster.st
 or ``s3://``); the last 2 checkpoints are kept. Fault tolerance: ``FailureConfig(max_failures)`` restarts the worker
 group from the latest checkpoint; re-running with the same ``--name`` and ``--storage`` resumes the run (Train V2
 has no ``Trainer.restore``: each worker calls ``ray.train.get_checkpoint()`` and continues from its epoch/step).
-Resumption is at epoch granularity: an interrupted epoch is redone from its start.
+Checkpoints come at every epoch end and, with ``--checkpoint-every N`` (CLI default 100), every N steps inside an
+epoch, so a restart repeats at most N steps (the resumed epoch passes over its first batches undecoded; Ray Data's
+split order is not reproducible, so which images fill the rest of that epoch may differ). Every
+``--preemption-check-every`` steps the workers ask ``ray.train.get_preemption_info()`` and save a just-in-time
+checkpoint when a node is about to be preempted (spot reclaim). With a mid-epoch resume the epoch's metrics cover
+the steps after the resume.
 
 At the end the final weights are exported as a plain checkpoint folder ``<storage>/<name>/final/`` that
 ``wsss cams --checkpoint`` accepts.
@@ -45,6 +50,8 @@ CKPT_FILES = ("model.pt", "config.yaml", "meta.json", "metrics.json")  # the pla
 TRAIN_STATE = "train_state.pt"
 DEFAULT_VAL_IMAGES = 8
 DEFAULT_WARMUP_STEPS = 2
+DEFAULT_CHECKPOINT_EVERY = 100  # CLI default: steps between mid-epoch checkpoints (VOC, 8 workers: ~165 steps/epoch)
+DEFAULT_PREEMPTION_CHECK_EVERY = 10
 
 
 # ---- validation subset (rank 0) -------------------------------------------------------------------------
@@ -201,18 +208,39 @@ def train_loop_per_worker(config: dict) -> None:
     transform = TrainTransform(cfg.data, seed=cfg.seed)
     rejects: list[tuple[str, str]] = []
     warmup = int(config.get("warmup_steps", DEFAULT_WARMUP_STEPS))
-    step_sleep = float(hooks.get("step_sleep", 0.0))
-    pid_dir = hooks.get("pid_dir")
-    fail_after = hooks.get("fail_after_epoch")
+    ckpt_every = int(config.get("checkpoint_every") or 0)
+    # ray.train.get_preemption_info exists from Ray 2.60 on; older Ray: no just-in-time checkpoints
+    preempt_every = int(config.get("preemption_check_every") or 0) if hasattr(ray.train, "get_preemption_info") else 0
+    on_step, on_epoch = hooks.get("on_step"), hooks.get("on_epoch")  # test seams: callables, never set by the CLI
+    saved_for_preemption = False
     attempt_steps = 0
     last_batch = None
     lr = set_lr(optimizer, cfg, step, total)
+    # A mid-epoch checkpoint resumes inside its epoch: that epoch's first `skip` batches are passed over undecoded.
+    skip = step - start_epoch * per_epoch
+
+    def report(metrics: dict, epoch_done: int) -> None:
+        """Every rank reports (a barrier); rank 0 attaches the checkpoint (plain folder + train_state.pt)."""
+        if rank != 0:
+            ray.train.report(metrics, checkpoint=None)
+            return
+        with tempfile.TemporaryDirectory(prefix="wsss-ckpt-") as d:
+            meta = {"kind": "cam", "class_names": class_names, "step": step, "epoch": epoch_done,
+                    "method": cfg.method.name, "attention": cfg.attention, "world_size": world,
+                    "run": config.get("run_name")}
+            extra = {"optimizer": optimizer.state_dict(), "epoch": epoch_done, "step": step,
+                     "history": history, "objective_rng": objective.rng.getstate()}
+            out_metrics = dict(metrics)
+            out_metrics["history"] = history
+            out_metrics["rejects"] = rejects[:100]
+            save_checkpoint(d, net, cfg, meta=meta, metrics=out_metrics, extra=extra)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
 
     for epoch in range(start_epoch, epochs):
         if step >= total:
             break
         model.train()
-        rng = np.random.default_rng([cfg.seed, rank, epoch])
+        rng = np.random.default_rng([cfg.seed, rank, epoch] + ([step] if skip else []))
         sums: dict[str, float] = {}
         n_steps = n_samples = 0
         steady_t = 0.0
@@ -226,6 +254,9 @@ def train_loop_per_worker(config: dict) -> None:
                                       local_shuffle_seed=(cfg.seed * 1000 + epoch * 10 + rank) if shuffle else None):
             if step >= total:
                 break
+            if skip > 0:
+                skip -= 1
+                continue
             batch = decode_batch(raw, transform, rng, rejects)
             if batch is None:  # every item bad: keep the workers in step with the last good batch
                 if last_batch is None:
@@ -235,8 +266,6 @@ def train_loop_per_worker(config: dict) -> None:
             last_batch = batch
             lr = set_lr(optimizer, cfg, step, total)
             _, m = train_step(model, batch, cfg, optimizer, device, scaler)
-            if step_sleep:
-                time.sleep(step_sleep)
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + v
             n_steps += 1
@@ -248,6 +277,17 @@ def train_loop_per_worker(config: dict) -> None:
                 steady_t += now - t_prev
                 steady_samples += len(batch["id"])
             t_prev = now
+            if on_step is not None:
+                on_step({"rank": rank, "step": step, "epoch": epoch, "resumed": resumed})
+            # Just-in-time checkpoint when a node of this run is about to be preempted (a barrier: every rank
+            # checks at the same steps), then keep training until Ray Train restarts the group.
+            jit = False
+            if preempt_every and step % preempt_every == 0 and not saved_for_preemption:
+                jit = ray.train.get_preemption_info() is not None
+                saved_for_preemption = jit
+            if step < total and step % per_epoch and (jit or (ckpt_every and step % ckpt_every == 0)):
+                report({"step": step, "epoch": epoch, "mid_epoch": True, "preemption": jit, "lr": lr,
+                        "loss": sums.get("loss", 0.0) / max(n_steps, 1)}, epoch)
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
@@ -272,35 +312,9 @@ def train_loop_per_worker(config: dict) -> None:
             metrics["val_best_threshold"] = float(ev["best_threshold"])
             metrics["val_images"] = int(ev["n_images"])
         history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float, bool)) or v is None})
-
-        if rank == 0:
-            with tempfile.TemporaryDirectory(prefix="wsss-ckpt-") as d:
-                meta = {"kind": "cam", "class_names": class_names, "step": step, "epoch": epoch + 1,
-                        "method": cfg.method.name, "attention": cfg.attention, "world_size": world,
-                        "run": config.get("run_name")}
-                extra = {"optimizer": optimizer.state_dict(), "epoch": epoch + 1, "step": step,
-                         "history": history, "objective_rng": objective.rng.getstate()}
-                out_metrics = dict(metrics)
-                out_metrics["history"] = history
-                out_metrics["rejects"] = rejects[:100]
-                save_checkpoint(d, net, cfg, meta=meta, metrics=out_metrics, extra=extra)
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
-        else:
-            ray.train.report(metrics, checkpoint=None)
-
-        # ---- test hooks (fault injection; never set by the CLI) ----
-        if pid_dir and not resumed and epoch + 1 == int(hooks.get("pid_after_epoch", 1)):
-            # A report is registered by the controller asynchronously; a worker killed before that loses it.
-            # Wait until this epoch's checkpoint is registered, so that a kill now must resume from it.
-            ray.train.get_all_reported_checkpoints(timeout_s=120)
-            os.makedirs(pid_dir, exist_ok=True)
-            tmp = os.path.join(pid_dir, f".rank{rank}.tmp")
-            with open(tmp, "w") as f:
-                f.write(str(os.getpid()))
-            os.replace(tmp, os.path.join(pid_dir, f"rank{rank}.pid"))
-        if fail_after is not None and not resumed and epoch + 1 == int(fail_after) and rank == 0:
-            ray.train.get_all_reported_checkpoints(timeout_s=120)
-            raise RuntimeError(f"injected failure after epoch {epoch + 1} (test hook)")
+        report(metrics, epoch + 1)
+        if on_epoch is not None:
+            on_epoch({"rank": rank, "step": step, "epoch": epoch + 1, "resumed": resumed})
 
 
 # ---- driver side ----------------------------------------------------------------------------------------
@@ -314,6 +328,12 @@ def plan_steps(cfg, n_images: int, num_workers: int) -> tuple[int, int]:
     if cfg.optim.max_steps:
         total = min(total, cfg.optim.max_steps)
     return per_epoch, total
+
+
+def training_plan(num_workers: int, cpus_per_worker: float = 1, use_gpu: bool = False) -> list:
+    """The Train worker group as ``(what, count, bundle)`` for ``cluster.resources.check_plan``."""
+    bundle = {"CPU": float(cpus_per_worker), **({"GPU": 1.0} if use_gpu else {})}
+    return [("Ray Train worker", int(num_workers), bundle)]
 
 
 def export_final(checkpoint, storage_uri: str, name: str) -> str:
@@ -353,12 +373,17 @@ def build_trainer(cfg, shards_uri: str, storage_uri: str, name: str, num_workers
                   dist_timeout_s: int = 600, val_max_images: int = DEFAULT_VAL_IMAGES,
                   warmup_steps: int = DEFAULT_WARMUP_STEPS, callbacks: list | None = None,
                   hooks: dict | None = None, num_to_keep: int = 2, shuffle_buffer: int = -1,
-                  ddp_kwargs: dict | None = None):
+                  ddp_kwargs: dict | None = None, checkpoint_every: int = 0,
+                  preemption_check_every: int = DEFAULT_PREEMPTION_CHECK_EVERY):
     """The ``TorchTrainer`` of a run (not started). Returns (trainer, plan dict).
 
-    ``hooks`` are test fault injections (``fail_after_epoch``, ``pid_dir`` + ``pid_after_epoch``, ``step_sleep``;
-    the CLI never sets them); ``shuffle_buffer`` is Ray Data's local shuffle buffer in rows (-1: max(2 x batch,
-    16), 0: off); ``ddp_kwargs`` go to DistributedDataParallel (e.g. ``{"find_unused_parameters": True}``)."""
+    ``checkpoint_every``: also checkpoint every N global steps inside an epoch (0: at epoch ends only); a restart
+    then repeats at most N steps. ``preemption_check_every``: every N steps all ranks ask
+    ``ray.train.get_preemption_info()`` (a barrier) and checkpoint at once when a node is about to go (0: never).
+    ``hooks``: callables ``on_step(info)`` / ``on_epoch(info)`` (info: rank, step, epoch, resumed) run on every
+    worker; a seam for tests (fault injection), never set by the CLI. ``shuffle_buffer`` is Ray Data's local
+    shuffle buffer in rows (-1: max(2 x batch, 16), 0: off); ``ddp_kwargs`` go to DistributedDataParallel
+    (e.g. ``{"find_unused_parameters": True}``)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -380,7 +405,8 @@ def build_trainer(cfg, shards_uri: str, storage_uri: str, name: str, num_workers
         "val_uri": val_uri, "val_max_images": val_max_images, "warmup_steps": warmup_steps,
         "torch_threads": max(1, int(cpus_per_worker)) if not use_gpu else 0, "run_name": name,
         "shards_uri": shards_uri, "hooks": dict(hooks or {}), "shuffle_buffer": int(shuffle_buffer),
-        "ddp_kwargs": dict(ddp_kwargs or {}),
+        "ddp_kwargs": dict(ddp_kwargs or {}), "checkpoint_every": int(checkpoint_every),
+        "preemption_check_every": int(preemption_check_every),
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -449,6 +475,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts from the last checkpoint")
     p.add_argument("--val-images", type=int, default=DEFAULT_VAL_IMAGES, help="validation images per epoch")
     p.add_argument("--dist-timeout", type=int, default=600, help="torch.distributed timeout (s)")
+    p.add_argument("--checkpoint-every", type=int, default=DEFAULT_CHECKPOINT_EVERY,
+                   help=f"also checkpoint every N steps inside an epoch (0: epoch ends only; default "
+                        f"{DEFAULT_CHECKPOINT_EVERY}); a restarted worker group repeats at most N steps")
+    p.add_argument("--preemption-check-every", type=int, default=DEFAULT_PREEMPTION_CHECK_EVERY,
+                   help="steps between ray.train.get_preemption_info() checks (just-in-time checkpoint; 0: off)")
     p.add_argument("--no-export", action="store_true", help="do not write <storage>/<name>/final/")
     common.add_cluster_args(p)
     return p
@@ -461,11 +492,22 @@ def main(argv: list[str] | None = None) -> int:
     cfg = common.start_job(args, "train")
     if cfg is None:
         return 2
+    from cluster import resources as cres
+
     try:
+        # The worker group must fit what the cluster can scale to; the autoscaler is asked for it up front.
+        plan = training_plan(args.num_workers, args.cpus_per_worker, args.use_gpu)
+        capacity = cres.resolve_capacity(args.max_resources, args.cluster_config)
+        cres.check_plan(plan, capacity)
+        requested = capacity.autoscaling and cres.request_bundles(cres.expand(plan))
         res = run_training(cfg, args.data, args.storage, args.name, num_workers=args.num_workers,
                            use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
                            max_failures=args.max_failures, val_uri=args.val, export=not args.no_export,
-                           val_max_images=args.val_images, dist_timeout_s=args.dist_timeout)
+                           val_max_images=args.val_images, dist_timeout_s=args.dist_timeout,
+                           checkpoint_every=args.checkpoint_every,
+                           preemption_check_every=args.preemption_check_every)
+        if requested:
+            cres.release_request()
     except (FileNotFoundError, ValueError, ConfigError) as e:
         print(f"train: error: {common.redact(str(e).splitlines()[0] if str(e) else type(e).__name__)}",
               file=sys.stderr)

@@ -9,8 +9,14 @@ per-epoch metrics to Tune (``Tuner(TorchTrainer)`` is deprecated). Search space 
 ``model.reduction`` r, ``model.kernel`` k (3/5/7) and ``optim.lr`` (log-uniform). ASHA stops weak trials early on
 the validation CAM mIoU (``val_cam_miou``, mode max) when a validation shard folder with masks is given, else on
 ``neg_loss`` (= -training loss, mode max), with the training epoch as ASHA's time (it keeps counting across a
-resumed trial, unlike Tune's ``training_iteration``). ``max_concurrent_trials`` comes from the cluster's resources
-(``cluster.resources``): each trial holds its function's CPU plus its Train workers, and Ray Data keeps a reserve.
+resumed trial, unlike Tune's ``training_iteration``). The concurrency comes from what the cluster can scale to
+(``cluster.resources.resolve_capacity``: ``--max-resources``, ``--cluster-config``, the launcher's bootstrap config on
+the head, else the nodes up now), not from the nodes up at the start: each trial holds its driver slot plus its
+Train workers, and Ray Data keeps a CPU reserve. When the cluster has a custom ``driver`` resource (the head in
+``ray_cluster.yaml`` and the KubeRay manifest), each trial's function (and so the Train controller next to it)
+takes one ``driver`` unit instead of a CPU, so that trial drivers live on the on-demand head, never on spot
+workers (Ray's fault-tolerance guide). ``--trial-max-failures`` (default 1) lets Tune rerun a failed trial, which
+resumes from its own last Train checkpoint.
 
 Storage: the Tune experiment is ``<storage>/<name>/``; each trial's Train run (its checkpoints) is
 ``<storage>/<name>/train_runs/<name>-<trial_id>/``. Re-running the same command resumes an interrupted search
@@ -33,6 +39,7 @@ import sys
 import time
 from typing import Any
 
+from cluster import resources as cres
 from jobs import common
 
 log = logging.getLogger("wsss.jobs.tune")
@@ -87,6 +94,32 @@ def _trial_fn(config: dict, job: dict) -> None:
                  max_failures=job["max_failures"], val_uri=job["val_uri"], export=False,
                  val_max_images=job["val_max_images"], dist_timeout_s=job["dist_timeout_s"],
                  callbacks=[TuneReportCallback()], hooks=job.get("hooks"))
+
+
+DRIVER_RESOURCE = "driver"
+
+
+def trial_driver_bundle(capacity) -> dict:
+    """The resources of one trial's function: a ``driver`` unit (no CPU) when the cluster has that custom resource
+    (trial drivers pinned to the head), else 1 CPU."""
+    if capacity.total().get(DRIVER_RESOURCE, 0) >= 1:
+        return {"CPU": 0, DRIVER_RESOURCE: 1}
+    return {"CPU": 1}
+
+
+def plan_concurrency(capacity, num_samples: int, num_workers: int, cpus_per_worker: float = 1,
+                     use_gpu: bool = False, max_concurrent: int | None = None,
+                     reserve_cpus: float | None = None) -> int:
+    """Trials that fit at once on what the cluster can scale to: each trial = its driver bundle + ``num_workers``
+    Train workers ({CPU: cpus_per_worker, GPU: 1 with use_gpu}), next to a CPU reserve for Ray Data (default 20 %
+    of the CPUs, >= 1); capped by ``max_concurrent`` and ``num_samples``, at least 1."""
+    worker = {"CPU": float(cpus_per_worker), **({"GPU": 1.0} if use_gpu else {})}
+    group = [trial_driver_bundle(capacity)] + [dict(worker) for _ in range(max(0, int(num_workers)))]
+    if reserve_cpus is None:
+        reserve_cpus = max(1.0, float(capacity.total().get("CPU", 0)) * 0.2)
+    reserve = [{"CPU": 1.0} for _ in range(math.ceil(reserve_cpus - 1e-9))]
+    limit = max(1, min(int(num_samples), int(max_concurrent) if max_concurrent else int(num_samples)))
+    return cres.count_fitting(group, capacity, limit, reserve=reserve)
 
 
 def _has_masks(val_uri: str | None) -> bool:
@@ -164,13 +197,14 @@ def run_search(cfg, shards_uri: str, storage_uri: str, name: str, num_samples: i
                val_uri: str | None = None, max_concurrent: int | None = None, grace_period: int = 1,
                num_workers: int = 1, use_gpu: bool = False, cpus_per_worker: float = 1, max_failures: int = 1,
                space: dict | None = None, seed: int | None = None, val_max_images: int = 8,
-               dist_timeout_s: int = 600, reserve_cpus: float | None = None, hooks: dict | None = None) -> dict:
+               dist_timeout_s: int = 600, reserve_cpus: float | None = None, hooks: dict | None = None,
+               trial_max_failures: int = 1, max_resources: str | dict | None = None,
+               cluster_config: str | None = None) -> dict:
     """Run (or resume) a search; Ray must be initialised. Returns a dict: best (params, metric value, trial_id),
     metric, mode, best_config (path), table_csv, table_md, n_trials, restored, rows, seconds."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from cluster import resources as cres
     from wsss.data import fs as wfs
 
     from jobs.train import plan_steps
@@ -190,13 +224,11 @@ def run_search(cfg, shards_uri: str, storage_uri: str, name: str, num_samples: i
            "num_workers": int(num_workers), "use_gpu": bool(use_gpu), "cpus_per_worker": float(cpus_per_worker),
            "max_failures": int(max_failures), "val_max_images": int(val_max_images),
            "dist_timeout_s": int(dist_timeout_s), "hooks": dict(hooks or {})}  # hooks: test fault injection
-    trainable = tune.with_resources(tune.with_parameters(_trial_fn, job=job), {"CPU": 1})
-
-    cpus, gpus = cres.trial_resources(num_workers, cpus_per_worker, 1 if use_gpu else 0, trainer_cpus=1)
-    if reserve_cpus is None:
-        reserve_cpus = max(1.0, float(cres.cluster_resources().get("CPU", 0)) * 0.2)  # Ray Data readers
-    fit = cres.max_concurrent_trials(cpus, gpus, reserve_cpus=reserve_cpus)
-    concurrent = max(1, min(fit, int(max_concurrent) if max_concurrent else fit, int(num_samples)))
+    capacity = cres.resolve_capacity(max_resources, cluster_config)
+    driver = trial_driver_bundle(capacity)
+    trainable = tune.with_resources(tune.with_parameters(_trial_fn, job=job), driver)
+    concurrent = plan_concurrency(capacity, num_samples, num_workers, cpus_per_worker, use_gpu, max_concurrent,
+                                  reserve_cpus)
 
     storage_path, storage_fs = common.storage_for_ray(storage_uri)
     exp_path = f"{storage_path.rstrip('/')}/{name}"
@@ -219,9 +251,11 @@ def run_search(cfg, shards_uri: str, storage_uri: str, name: str, num_samples: i
                                         scheduler=scheduler,
                                         search_alg=searcher),
             run_config=tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_fs,
-                                      failure_config=tune.FailureConfig(max_failures=0), verbose=0),
+                                      failure_config=tune.FailureConfig(max_failures=int(trial_max_failures)),
+                                      verbose=0),
         )
-    log.info("tune %s: %d samples, %d concurrent, metric %s (%s)", name, num_samples, concurrent, metric, mode)
+    log.info("tune %s: %d samples, %d concurrent (%s), trial driver %s, metric %s (%s)", name, num_samples,
+             concurrent, capacity.describe(), driver, metric, mode)
     grid = tuner.fit()
 
     rows = trials_table(grid, metric, max_t=epochs)
@@ -244,6 +278,7 @@ def run_search(cfg, shards_uri: str, storage_uri: str, name: str, num_samples: i
                      "trial_id": (best_result.metrics or {}).get("trial_id")},
             "metric": metric, "mode": mode, "best_config": best_config, "table_csv": table_csv,
             "table_md": table_md, "n_trials": len(rows), "restored": restored, "concurrent": concurrent,
+            "trial_driver": driver,
             "rows": rows, "experiment": wfs.join(storage_uri, name), "seconds": time.perf_counter() - t0}
 
 
@@ -264,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--use-gpu", action="store_true")
     p.add_argument("--cpus-per-worker", type=float, default=1)
     p.add_argument("--max-failures", type=int, default=1, help="worker-group restarts per trial")
+    p.add_argument("--trial-max-failures", type=int, default=1,
+                   help="Tune reruns of a failed trial (it resumes from its last checkpoint; default 1)")
     p.add_argument("--val-images", type=int, default=8)
     common.add_cluster_args(p)
     return p
@@ -280,7 +317,9 @@ def main(argv: list[str] | None = None) -> int:
         res = run_search(cfg, args.data, args.storage, args.name, args.num_samples, args.best_config,
                          val_uri=args.val, max_concurrent=args.max_concurrent, grace_period=args.grace_period,
                          num_workers=args.num_workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
-                         max_failures=args.max_failures, val_max_images=args.val_images)
+                         max_failures=args.max_failures, val_max_images=args.val_images,
+                         trial_max_failures=args.trial_max_failures, max_resources=args.max_resources,
+                         cluster_config=args.cluster_config)
     except (FileNotFoundError, ValueError, ConfigError, RuntimeError) as e:
         print(f"tune: error: {common.redact(str(e).splitlines()[0] if str(e) else type(e).__name__)}",
               file=sys.stderr)

@@ -1,8 +1,9 @@
 """Ray Train (V2) job on the local stack: real local Ray cluster (``ray_local``), real moto S3 over HTTP
 (``s3_server``), tiny synthetic shards. Each TorchTrainer run costs ~20-40 s here (mostly start-up), so the tests are
 few: (1) a 2-worker gloo run writes checkpoints to S3, an interrupted run resumes from them when re-run with the
-same name, and the exported final folder is a plain checkpoint; (2) a worker killed with SIGKILL mid-run is
-replaced and the run completes after resuming from the last checkpoint (FailureConfig)."""
+same name, and the exported final folder is a plain checkpoint; (2) a worker killed with SIGKILL mid-epoch is
+replaced and the run completes after resuming from the last step-level checkpoint (FailureConfig), repeating no
+more than one checkpoint interval of steps. Faults are injected by hooks from tests/train_hooks.py."""
 from __future__ import annotations
 
 import os
@@ -11,6 +12,8 @@ import threading
 import time
 
 import pytest
+
+from tests.train_hooks import fail_after_epoch, record_steps
 
 pytestmark = pytest.mark.ray
 
@@ -76,7 +79,7 @@ def test_two_workers_s3_checkpoints_and_resume(ray_local, s3_server, shards_s3):
     # Attempt 1: an injected failure right after epoch 1's checkpoint, no retries -> the run fails.
     with pytest.raises(ray.train.TrainingFailedError):
         run_training(cfg, train_uri, storage, "resume", num_workers=2, max_failures=0, val_uri=val_uri,
-                     dist_timeout_s=60, hooks={"fail_after_epoch": 1})
+                     dist_timeout_s=60, hooks={"on_epoch": fail_after_epoch(1)})
     objs = _objects(s3_server, f"{storage}/resume")
     ckpt_models = [k for k in objs if k.endswith("/model.pt") and "/checkpoint_" in k]
     assert len(ckpt_models) == 1, sorted(objs)
@@ -111,44 +114,57 @@ def test_two_workers_s3_checkpoints_and_resume(ray_local, s3_server, shards_s3):
     assert not [k for k, v in objs.items() if secret in v]
 
 
-def test_killed_worker_recovers_from_checkpoint(ray_local, s3_server, shards_s3, tmp_path):
+def test_killed_worker_mid_epoch_repeats_at_most_one_checkpoint_interval(ray_local, s3_server, shards_s3,
+                                                                          tmp_path):
     from jobs.train import run_training
 
     _quiet_data()
     train_uri, _ = shards_s3
     storage = s3_server.unique_uri("runs")
-    pid_dir = tmp_path / "pids"
-    cfg = tiny_cfg(epochs=3)
+    logs = tmp_path / "steps"
+    logs.mkdir()
+    every = 3
+    cfg = tiny_cfg(epochs=2, batch_size=1)  # 9 steps per epoch per worker: checkpoints at 3, 6, 9, 12, 15, 18
+    kill_after = 5  # mid-epoch, 2 steps after the step-3 checkpoint
     out: dict = {}
 
     def target():
         try:
             out["res"] = run_training(cfg, train_uri, storage, "killed", num_workers=2, max_failures=2,
-                                      dist_timeout_s=60,
-                                      hooks={"pid_dir": str(pid_dir), "pid_after_epoch": 1, "step_sleep": 0.5})
+                                      dist_timeout_s=60, checkpoint_every=every, export=False,
+                                      hooks={"on_step": record_steps(str(logs), 1, kill_after, step_sleep=0.1)})
         except BaseException as e:  # noqa: BLE001 - re-raised in the test thread
             out["err"] = e
 
     th = threading.Thread(target=target, daemon=True)
     th.start()
-    pid_file = pid_dir / "rank1.pid"
+    pid_file = logs / "rank1.pid"
     deadline = time.monotonic() + 240
     while not pid_file.exists() and th.is_alive() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert pid_file.exists(), f"worker never wrote its pid: {out.get('err')!r}"
     pid = int(pid_file.read_text())
     assert pid != os.getpid()
-    os.kill(pid, signal.SIGKILL)  # mid-run: epoch 2 of 3 takes >= 2 s (step_sleep)
+    os.kill(pid, signal.SIGKILL)  # inside step 5 of epoch 1 (9 steps)
     th.join(timeout=300)
     assert not th.is_alive(), "training did not finish after the worker was killed"
     if "err" in out:
         raise out["err"]
     res = out["res"]
     m = res["metrics"]
-    per_epoch = res["plan"]["steps_per_epoch"]
-    assert m["epoch"] == 3 and m["step"] == 3 * per_epoch
-    # The replacement worker group resumed from the last checkpoint (epoch 1 or 2), not from scratch.
-    assert m["resumed"] is True and m["start_epoch"] >= 1
-    assert [h["epoch"] for h in res["history"]] == [1, 2, 3]
+    per_epoch, total = res["plan"]["steps_per_epoch"], res["plan"]["total_steps"]
+    assert (per_epoch, total) == (9, 18)
+    assert m["epoch"] == 2 and m["step"] == total and m["resumed"] is True
+    assert [h["epoch"] for h in res["history"]] == [1, 2]
+    for rank in (0, 1):
+        rows = [tuple(int(x) for x in ln.split()) for ln in (logs / f"rank{rank}.steps").read_text().splitlines()]
+        first = [s for s, resumed in rows if not resumed]
+        again = [s for s, resumed in rows if resumed]
+        assert again and again == list(range(again[0], total + 1)), rows  # the replacement ran to the end
+        repeated = sorted(set(first) & set(again))
+        # resumed from the step-3 checkpoint: steps 4..5 are done twice, not the whole epoch (1..5)
+        assert again[0] == every + 1, rows
+        assert len(repeated) <= every, (rank, repeated)
+        assert set(first) | set(again) == set(range(1, total + 1))
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)

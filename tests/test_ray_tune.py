@@ -8,6 +8,8 @@ import csv
 
 import pytest
 
+from tests.train_hooks import fail_after_epoch
+
 pytestmark = pytest.mark.ray
 
 
@@ -49,9 +51,10 @@ def test_three_trial_search_writes_loadable_best_config(ray_local, s3_server, lo
     best_path = tmp_path / "best.yaml"
     kw = dict(val_uri=val_uri, grace_period=1, num_workers=1, space=space, dist_timeout_s=60, max_failures=0)
 
-    # 1) An interrupted search: every trial's Train run dies right after its epoch-1 checkpoint.
+    # 1) An interrupted search: every trial's Train run dies right after its epoch-1 checkpoint (and Tune does not
+    #    rerun it: trial_max_failures=0, as when the driver itself is gone).
     first = run_search(cfg, train_uri, storage, "search", num_samples=3, best_config=str(tmp_path / "b0.yaml"),
-                       hooks={"fail_after_epoch": 1}, **kw)
+                       hooks={"on_epoch": fail_after_epoch(1)}, trial_max_failures=0, **kw)
     assert not first["restored"] and first["n_trials"] == 3
     status1 = {r["trial_id"]: r["status"] for r in first["rows"]}
     # ASHA (grace period 1) may stop a weak trial at epoch 1 before it fails; the others error out.
