@@ -6,23 +6,31 @@
 
 Equivalent to ``ray job submit --address ADDRESS --working-dir . -- ENTRYPOINT``. The working dir is uploaded
 without the paths in ``.rayignore`` (Ray reads that file itself; the patterns are also passed as ``excludes``).
+``stream=True`` (the CLI's default: ``python -m cluster.submit [--address A] -- ENTRYPOINT``) prints the job's log
+lines, redacted, while it runs (``JobSubmissionClient.tail_job_logs``).
 
 Environment of the job: the head's environment (on the local stack it holds the S3 endpoint and the local fake
 credentials), plus the non-secret S3 settings of this process (endpoint, region, checksum mode), plus ``env``.
 Credentials are shipped in the runtime_env only with ``ship_credentials=True``: Ray stores a job's runtime_env
 in the job's metadata, readable with ``ray job list``; on real clusters use an instance profile / IRSA.
-``RAY_AUTH_MODE`` must match the cluster's (``disabled`` on the local stack); set it in the environment.
-Logs returned are redacted (``cluster.storage.redact``).
+Auth: ``RAY_AUTH_MODE`` in this process's environment must match the cluster's (``disabled`` on the local stack,
+``token`` on the shipped cluster configs, with the token in ``~/.ray/auth_token`` or ``RAY_AUTH_TOKEN``); it is
+never put into the job's runtime_env (the nodes have their own). Logs returned are redacted
+(``cluster.storage.redact``).
 """
 from __future__ import annotations
 
+import argparse
+import asyncio
 import os
+import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from cluster.storage import redact, s3_env_vars
 
-__all__ = ["JobResult", "read_rayignore", "job_runtime_env", "default_address", "submit_job"]
+__all__ = ["JobResult", "read_rayignore", "job_runtime_env", "default_address", "submit_job", "stream_logs", "main"]
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
@@ -87,11 +95,13 @@ def submit_job(entrypoint: str, address: str | None = None, working_dir: str | o
                env: dict[str, str] | None = None, wait: bool = True, timeout_s: float = 3600.0,
                submission_id: str | None = None, ship_credentials: bool = False,
                entrypoint_num_cpus: float | None = None, entrypoint_num_gpus: float | None = None,
-               poll_s: float = 1.0, stop_on_timeout: bool = True) -> JobResult:
+               poll_s: float = 1.0, stop_on_timeout: bool = True,
+               stream: bool | Callable[[str], None] = False) -> JobResult:
     """Submit ``entrypoint`` as a Ray job. Returns ``(status, logs)`` (a :class:`JobResult`, with ``.job_id``).
 
     ``wait=False`` returns right after submission with the current status and empty logs. On timeout the job
-    is stopped (``stop_on_timeout``) and the status is ``"TIMEOUT"`` with the logs so far.
+    is stopped (``stop_on_timeout``) and the status is ``"TIMEOUT"`` with the logs so far. ``stream``: while
+    waiting, pass each complete, redacted log line (with its newline) to this callable (``True``: write to stderr).
     """
     from ray.job_submission import JobSubmissionClient
 
@@ -106,6 +116,9 @@ def submit_job(entrypoint: str, address: str | None = None, working_dir: str | o
     if not wait:
         return JobResult(str(client.get_job_status(job_id).value), "", job_id)
     deadline = time.monotonic() + timeout_s
+    if stream:
+        sink = stream if callable(stream) else (lambda line: (sys.stderr.write(line), sys.stderr.flush()))
+        asyncio.run(stream_logs(client, job_id, sink, timeout_s))  # returns when the job ends (or at the deadline)
     while True:
         status = str(client.get_job_status(job_id).value)
         if status in TERMINAL:
@@ -117,3 +130,54 @@ def submit_job(entrypoint: str, address: str | None = None, working_dir: str | o
             break
         time.sleep(poll_s)
     return JobResult(status, redact(client.get_job_logs(job_id)), job_id)
+
+
+async def stream_logs(client, job_id: str, sink: Callable[[str], None], timeout_s: float | None = None) -> bool:
+    """Pass the job's log to ``sink`` line by line (redacted; a line is held until its newline so that a secret
+    split across two chunks is still caught) until the job ends. Returns False when ``timeout_s`` ran out first."""
+    buf = ""
+
+    async def tail() -> None:
+        nonlocal buf
+        async for chunk in client.tail_job_logs(job_id):
+            buf += chunk
+            *lines, buf = buf.split("\n")
+            for line in lines:
+                sink(redact(line) + "\n")
+
+    try:
+        await asyncio.wait_for(tail(), timeout_s)
+        done = True
+    except asyncio.TimeoutError:
+        done = False
+    if buf:
+        sink(redact(buf) + "\n")
+    return done
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m cluster.submit [--address A] [--working-dir D] [--timeout S] [--no-stream] -- ENTRYPOINT...``:
+    submit, stream the log while the job runs, exit 0 when it SUCCEEDED (1 otherwise)."""
+    import shlex
+
+    p = argparse.ArgumentParser(prog="python -m cluster.submit", description=main.__doc__.splitlines()[0])
+    p.add_argument("--address", default=None, help="dashboard address (default: RAY_API_SERVER_ADDRESS / "
+                                                   "RAY_ADDRESS if http(s), else http://127.0.0.1:8265)")
+    p.add_argument("--working-dir", default=".")
+    p.add_argument("--timeout", type=float, default=24 * 3600.0, help="seconds before the job is stopped")
+    p.add_argument("--no-stream", action="store_true", help="print the log only at the end")
+    p.add_argument("entrypoint", nargs=argparse.REMAINDER, help="-- then the command to run on the cluster")
+    args = p.parse_args(argv)
+    cmd = args.entrypoint[1:] if args.entrypoint[:1] == ["--"] else args.entrypoint
+    if not cmd:
+        p.error("no entrypoint (put it after --)")
+    res = submit_job(shlex.join(cmd), address=args.address, working_dir=args.working_dir, timeout_s=args.timeout,
+                     stream=not args.no_stream)
+    if args.no_stream:
+        sys.stderr.write(res.logs)
+    print(f"job {res.job_id}: {res.status}", file=sys.stderr)
+    return 0 if res.status == "SUCCEEDED" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,12 +1,13 @@
 """``ray job submit`` end to end on the local stack: a local Ray head (``infra.local_ray``, dashboard on 127.0.0.1,
-RAY_AUTH_MODE as in the tests) gets ``python -m jobs.train ...`` with the repository as working_dir
-(``cluster.submit.submit_job``); the job reads shards from the local moto S3 and leaves its checkpoints and the final
-folder there. The test secret key must appear nowhere: not in the job's logs, not in the head's session logs, not
+RAY_AUTH_MODE as in the tests, set on the head only: not in the job's runtime_env) gets ``python -m jobs.train ...``
+with the repository as working_dir (``cluster.submit.submit_job``, log streamed while it runs); the job reads shards
+from the local moto S3 and leaves its checkpoints and the final folder there. The test secret key must appear nowhere: not in the job's logs, not in the head's session logs, not
 in the files of the Train run."""
 from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -66,9 +67,18 @@ def test_submitted_training_job_checkpoints_to_s3(ray_head, s3_server, synth_roo
     storage = f"{base}/runs"
     entry = (f"python -m jobs.train --config {cfg_path} --data {base}/shards/train --val {base}/shards/val "
              f"--storage {storage} --name jobrun --num-workers 2 --dist-timeout 60 --set seed=1")
-    status, logs = submit_job(entry, address=ray_head.dashboard_url, working_dir=REPO,
-                              env={"RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"]}, timeout_s=420)
+    streamed: list[tuple[float, str]] = []  # (wall time ms, line) as the lines arrive
+    res = submit_job(entry, address=ray_head.dashboard_url, working_dir=REPO, timeout_s=420,
+                     stream=lambda line: streamed.append((time.time() * 1000, line)))
+    status, logs = res
     assert status == "SUCCEEDED", logs[-3000:]
+    # the log was streamed while the job ran (the first lines came before its end), redacted, line by line
+    from ray.job_submission import JobSubmissionClient
+
+    info = JobSubmissionClient(ray_head.dashboard_url).get_job_info(res.job_id)
+    assert streamed and streamed[0][0] < info.end_time - 1000, (streamed[:3], info.end_time)
+    assert all(line.endswith("\n") for _, line in streamed)
+    assert any(line.startswith("{") and '"final"' in line for _, line in streamed)  # up to the last line
 
     summary = [json.loads(ln) for ln in logs.splitlines() if ln.startswith("{") and '"final"' in ln]
     assert summary, logs[-2000:]
