@@ -27,16 +27,27 @@ __all__ = ["label_uri", "LabelFolderError", "LabelSource", "check_label_folder",
            "scan_labels", "seg_augment", "SegTrainDataset", "image_hw"]
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-_DECLARATIONS = ("classes.txt", "manifest.json", "meta.json")
 
 
 class LabelFolderError(ValueError):
     """The label folder as a whole does not fit the dataset (missing, other classes); one line naming it."""
 
 
+_LABEL_DIRS: dict[str, str] = {}
+
+
 def label_uri(labels_root: str, item_id: str) -> str:
-    """Where the label PNG of ``item_id`` lives in a pseudo-label folder (``<root>/<id>.png``)."""
-    return fs.join(labels_root, f"{item_id}.png")
+    """Where the label PNG of ``item_id`` lives in a pseudo-label folder: ``<root>/_labels/<id>.png`` when the
+    folder has ``_labels/`` (the Parquet-dataset output layout), else ``<root>/<id>.png`` (the older layout, and a
+    plain folder of PNGs). The folder's layout is looked up once per root."""
+    d = _LABEL_DIRS.get(labels_root)
+    if d is None:
+        try:
+            sub = "_labels" in fs.listdir(labels_root)
+        except (FileNotFoundError, NotADirectoryError):
+            sub = False
+        d = _LABEL_DIRS[labels_root] = fs.join(labels_root, "_labels") if sub else labels_root
+    return fs.join(d, f"{item_id}.png")
 
 
 def _one_line(e: BaseException) -> str:
@@ -55,7 +66,7 @@ def image_hw(dataset, item_id: str) -> tuple[int, int]:
 
 
 def declared_classes(labels_root: str) -> list[str] | None:
-    """Class names a label folder declares (classes.txt, or class_names in manifest.json / meta.json), or None."""
+    """Class names a label folder declares (classes.txt, or class_names in [_]manifest.json / meta.json), or None."""
     from wsss.data.base import read_class_names
 
     try:
@@ -64,7 +75,7 @@ def declared_classes(labels_root: str) -> list[str] | None:
         raise LabelFolderError(f"label folder not found: {labels_root}") from None
     if "classes.txt" in names:
         return read_class_names(fs.join(labels_root, "classes.txt"))
-    for n in ("manifest.json", "meta.json"):
+    for n in ("_manifest.json", "manifest.json", "meta.json"):
         if n in names:
             try:
                 obj = json.loads(fs.read_bytes(fs.join(labels_root, n)) or b"{}")
@@ -181,7 +192,7 @@ def open_images(uri: str, split: str | None = None, layout: str = "auto"):
     from wsss.data import open_dataset
     from wsss.data.base import DatasetError, detect_layout
 
-    if fs.exists(fs.join(uri, "manifest.json")):
+    if any(fs.exists(fs.join(uri, n)) for n in ("_manifest.json", "manifest.json")):
         from wsss.data.shards import ShardDataset
 
         return ShardDataset(uri)
