@@ -782,9 +782,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    args = _parser().parse_args(argv)  # auth: the cluster's RAY_AUTH_MODE; a private local cluster: jobs.common
     address = args.address
     if address is None and args.cluster:
         address = os.environ.get("RAY_ADDRESS") or "auto"
