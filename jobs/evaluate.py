@@ -1,13 +1,15 @@
 """Distributed mIoU of label PNGs against the masks in a shard set: ``python -m jobs.evaluate --pred OUT --data SHARDS``.
 
 Ray Data reads the shards (id, mask, width, height; local or s3://); each block reads its predictions
-``<pred>/<id>.png`` and accumulates a confusion matrix (``wsss.metrics.ConfusionMatrix``, 255 ignored); the driver
+``<pred>/_labels/<id>.png`` (a pseudo-label output prefix; a plain folder of ``<id>.png`` works too) and accumulates a confusion matrix (``wsss.metrics.ConfusionMatrix``, 255 ignored); the driver
 sums the per-block matrices and computes the IoUs with ``wsss.metrics.iou_from_confusion`` and the manifest's
 class names. Integer sums: the result equals ``wsss evaluate`` (``wsss.metrics.evaluate_folder``) on the same data.
 
 JSON (same keys as ``wsss evaluate``): ``{"miou", "per_class", "absent", "pixel_accuracy", "n_images", "split",
 "missing", "rejects", "pred_dir", "data_root"}``; ``missing`` = ids without a prediction, ``rejects`` =
-``[id, reason]`` (no ground-truth mask, unreadable or mis-sized prediction).
+``[id, reason]``: the shard set's own rejects, ids the pseudo-labelling rejected (its ``_rejects.parquet``, reason
+prefixed ``pseudolabel: ``), no ground-truth mask, unreadable or mis-sized prediction; so ``n_images`` + rejects +
+missing = the ids listed.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ def _one_line(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
-def confusion_block(batch: dict, pred_uri: str, num_classes: int) -> dict:
+def confusion_block(batch: dict, pred_uri: str, num_classes: int, pred_rejects: dict | None = None) -> dict:
     """One block: read each row's prediction, update a confusion matrix. Returns a one-row batch with the
     (C, C+1) matrix as int64 bytes, the image count, and JSON lists of missing ids and rejects."""
     from wsss.data import fs
@@ -43,10 +45,13 @@ def confusion_block(batch: dict, pred_uri: str, num_classes: int) -> dict:
     for k, item_id in enumerate(batch["id"]):
         item_id = str(item_id)
         mask = batch["mask"][k]
+        uri = fs.join(pred_uri, f"{item_id}.png")
+        if pred_rejects and item_id in pred_rejects and not fs.exists(uri):
+            rejects.append([item_id, f"pseudolabel: {pred_rejects[item_id]}"])
+            continue
         if mask is None:
             rejects.append([item_id, f"id {item_id}: no ground-truth mask"])
             continue
-        uri = fs.join(pred_uri, f"{item_id}.png")
         try:
             data = fs.read_bytes(uri)
         except FileNotFoundError:
@@ -79,7 +84,7 @@ def run_evaluate(pred_uri: str, shards_uri: str, json_path: str | None = None, a
     computed by Ray Data tasks. Returns (and writes to ``json_path``) the ``wsss evaluate`` result dict."""
     import ray
 
-    from wsss.data import fs
+    from wsss.data import fs, layout
     from wsss.data.shards import read_manifest
     from wsss.metrics import iou_from_confusion
 
@@ -87,9 +92,11 @@ def run_evaluate(pred_uri: str, shards_uri: str, json_path: str | None = None, a
     class_names = list(manifest["class_names"])
     c = len(class_names)
     try:
-        fs.listdir(pred_uri)
+        pred_names = set(fs.listdir(pred_uri))
     except (FileNotFoundError, NotADirectoryError):
         raise FileNotFoundError(f"prediction folder not found: {pred_uri}") from None
+    label_dir = layout.label_dir(pred_uri, pred_names)
+    pred_rejects = layout.read_rejects(pred_uri, pred_names)
 
     if not ray.is_initialized():
         try:
@@ -104,7 +111,7 @@ def run_evaluate(pred_uri: str, shards_uri: str, json_path: str | None = None, a
 
     ds = read_shards_ray(shards_uri, columns=SHARD_COLUMNS)
     ds = ds.map_batches(confusion_block, batch_format="numpy", batch_size=batch_size,
-                        fn_kwargs={"pred_uri": pred_uri, "num_classes": c})
+                        fn_kwargs={"pred_uri": label_dir, "num_classes": c, "pred_rejects": pred_rejects})
     total = np.zeros((c, c + 1), np.int64)
     n = 0
     missing: list[str] = []
@@ -115,12 +122,13 @@ def run_evaluate(pred_uri: str, shards_uri: str, json_path: str | None = None, a
         rejects.extend([str(i), str(r)] for i, r in read_rejects(shards_uri))
     except FileNotFoundError:
         pass
+    shard_rejected = {r[0] for r in rejects}
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for conf, k, miss, rej in zip(batch["conf"], batch["n"], batch["missing"], batch["rejects"]):
             total += np.frombuffer(conf, dtype=np.int64).reshape(c, c + 1)
             n += int(k)
             missing.extend(json.loads(miss))
-            rejects.extend(json.loads(rej))
+            rejects.extend(r for r in json.loads(rej) if r[0] not in shard_rejected)
     res = iou_from_confusion(total, class_names)
     src = manifest.get("source") or {}
     out = {"miou": res["miou"], "per_class": res["per_class"], "absent": res["absent"],

@@ -11,20 +11,26 @@ Rows carry the *encoded* image bytes (a JPEG is ~10x smaller than its pixels) an
 needs (a few ms per image, against ~0.1-2 s of CAM / walk / CRF work). Between stages the CAM travels as float16
 planes of the image's positive classes only, keys as int16; the random-walk output as float16 probabilities.
 
-Outputs under ``OUT`` (local folder or s3:// prefix), the same format as ``wsss.pseudolabel.pseudolabel``:
+Outputs under ``OUT`` (local folder or s3:// prefix), the same layout as ``wsss.pseudolabel.pseudolabel``
+(``wsss.data.layout``: a Parquet dataset whose only visible ``*.parquet`` file is the result table, so
+``pyarrow.dataset.dataset(OUT)`` and ``ray.data.read_parquet(OUT)`` yield exactly the result rows):
 
-- ``<id>.png``: VOC-palette label map (class indices), one atomic write each (os.replace / single PUT);
-- ``results/part-<time>-<uuid>.parquet``: one file per batch of the last stage (id, classes, sec_cam, sec_rw,
+- ``_labels/<id>.png``: VOC-palette label map (class indices), one atomic write each (os.replace / single PUT);
+- ``_parts/part-<time>-<uuid>.parquet``: one file per batch of the last stage (id, classes, sec_cam, sec_rw,
   sec_crf, status, reason, written_at), written right after that batch's PNGs;
-- ``results.parquet`` (id, classes, sec_cam, sec_rw, sec_crf, status): compacted at the end of a run from the
-  previous results.parquet and every part, de-duplicated by id keeping the latest row; merged parts are deleted;
-- ``rejects.parquet`` (id, reason): items that could not be labelled (corrupt image, wrong label count, ...);
-- ``stage_stats.json``: per-operator throughput parsed from ``ds.stats()``.
+- ``part-00000.parquet`` (id, classes, sec_cam, sec_rw, sec_crf, status): compacted at the end of a run from the
+  previous table and every part, de-duplicated by id keeping the latest row; merged parts are deleted;
+- ``_rejects.parquet`` (id, reason): items that could not be labelled (corrupt image, wrong label count, ...)
+  and the shard set's own rejects (reason prefixed ``shard: ``), so results + rejects = the ids listed;
+- ``_stage_stats.json``: per-operator throughput parsed from ``ds.stats()``.
 
-Resume: before reading, the job lists ``<out>/*.png`` and the results (compacted + parts). An id is done when it
-has an ``ok`` results row *and* its PNG exists; only the other ids are processed (rejected ids are tried again
-unless ``--skip-rejected``). A run killed at any point therefore loses at most the batches in flight; a rerun
-finishes them, and compaction keeps exactly one row per id.
+An output prefix of the old layout (``<id>.png``, ``results.parquet``, ``rejects.parquet``, ``results/``) is
+moved to these names first (``wsss.data.layout.migrate_output``).
+
+Resume: before reading, the job lists ``<out>/_labels/*.png`` and the results (compacted + parts). An id is done
+when it has an ``ok`` results row *and* its PNG exists; only the other ids are processed (rejected ids are tried
+again unless ``--skip-rejected``). A run killed at any point therefore loses at most the batches in flight; a
+rerun finishes them, and compaction keeps exactly one row per id.
 """
 from __future__ import annotations
 
@@ -45,10 +51,12 @@ import numpy as np
 from cluster import resources as cres
 
 STAGE_NAMES = ("cam", "rw", "crf")
-RESULTS_DIR = "results"
-RESULTS_FILE = "results.parquet"
-REJECTS_FILE = "rejects.parquet"
-STATS_FILE = "stage_stats.json"
+from wsss.data import layout as _layout  # noqa: E402 - output names (wsss/, no Ray)
+
+RESULTS_DIR = _layout.PARTS_DIR  # "_parts"
+RESULTS_FILE = _layout.RESULTS  # "part-00000.parquet"
+REJECTS_FILE = _layout.REJECTS  # "_rejects.parquet"
+STATS_FILE = _layout.STATS  # "_stage_stats.json"
 RESULT_COLUMNS = ("id", "classes", "sec_cam", "sec_rw", "sec_crf", "status")
 SHARD_COLUMNS = ["id", "image", "labels", "width", "height"]
 
@@ -112,12 +120,12 @@ def _parquet_bytes(rows: list[dict], schema) -> bytes:
 
 def _read_parquet_rows(uri: str) -> list[dict]:
     """Rows of a Parquet file (local or s3://); [] when missing or torn (a killed writer)."""
-    import pyarrow.parquet as pq
-
     from wsss.data import fs
+    from wsss.data.io import read_parquet_bytes
 
     try:
-        return pq.read_table(io.BytesIO(fs.read_bytes(uri))).to_pylist()
+        # decoded in this thread: Arrow pool threads can abort the driver at exit (wsss.data.io)
+        return read_parquet_bytes(fs.read_bytes(uri)).to_pylist()
     except FileNotFoundError:
         return []
     except Exception:  # noqa: BLE001 - unreadable part: its ids are simply processed again
@@ -207,7 +215,7 @@ class _Writer:
         jobs = []
         for k, lab in labels.items():
             try:
-                jobs.append((k, fs.join(self.out_uri, f"{ids[k]}.png"), encode_label_png(lab)))
+                jobs.append((k, _layout.label_uri(self.out_uri, ids[k]), encode_label_png(lab)))
             except Exception as e:  # noqa: BLE001
                 status[k], reason[k] = "rejected", _one_line(e, "write: ")
         if jobs:
@@ -395,7 +403,7 @@ def shard_ids(shards_uri: str) -> list[str]:
     def one(uri: str) -> list[str]:
         pfs, path = pyarrow_fs(uri)
         with pfs.open_input_file(path) as f:
-            return pq.ParquetFile(f).read(columns=["id"]).column("id").to_pylist()
+            return pq.ParquetFile(f).read(columns=["id"], use_threads=False).column("id").to_pylist()
 
     with ThreadPoolExecutor(min(16, max(1, len(files)))) as pool:
         return [i for ids in pool.map(one, files) for i in ids]
@@ -431,7 +439,7 @@ def _latest_by_id(rows: Iterable[dict]) -> dict[str, dict]:
 def done_ids(out_uri: str, retry_rejected: bool = True) -> tuple[set[str], set[str]]:
     """(ids done, ids rejected before). Done = an ``ok`` results row and the PNG present (or a previous reject
     when ``retry_rejected`` is False)."""
-    pngs = {n[:-4] for n in _list(out_uri) if n.endswith(".png")}
+    pngs = {n[:-4] for n in _list(fs.join(out_uri, _layout.LABELS_DIR)) if n.endswith(".png")}
     rows, _ = _result_rows(out_uri)
     latest = _latest_by_id(rows)
     done = {i for i, r in latest.items() if r.get("status") in ("ok", "resumed") and i in pngs}
@@ -441,13 +449,21 @@ def done_ids(out_uri: str, retry_rejected: bool = True) -> tuple[set[str], set[s
     return done, rejected
 
 
-def compact_results(out_uri: str) -> dict:
-    """Merge results.parquet, rejects.parquet and every part into results.parquet (ok rows, sorted by id) and
-    rejects.parquet (id, reason), one row per id (the latest); then delete the merged parts."""
+def compact_results(out_uri: str, shard_rejects: Iterable[tuple[str, str]] = ()) -> dict:
+    """Merge the result table, _rejects.parquet and every part into part-00000.parquet (ok rows, sorted by id) and
+    _rejects.parquet (id, reason), one row per id (the latest); then delete the merged parts. ``shard_rejects``:
+    (id, reason) of the shard set's own rejects (ids that never reached the pipeline), kept as rejects with the
+    reason prefixed ``shard: `` unless a later row of the same id exists."""
     from wsss.data import fs
 
     rows, parts = _result_rows(out_uri)
-    latest = _latest_by_id(rows)
+    shard_rows = []
+    for i, r in shard_rejects:
+        reason = str(r)
+        if not reason.startswith("shard: "):
+            reason = "shard: " + reason
+        shard_rows.append({"id": str(i), "status": "rejected", "reason": reason, "written_at": -2.0})
+    latest = _latest_by_id(shard_rows + rows)
     ok = [r for r in latest.values() if r.get("status") != "rejected"]
     rej = [r for r in latest.values() if r.get("status") == "rejected"]
     ok.sort(key=lambda r: r["id"])
@@ -666,6 +682,7 @@ def run_pseudolabel(checkpoint: str, shards_uri: str, out_uri: str, affinity: st
 
     t_start = time.perf_counter()
     fs.makedirs(out_uri)
+    _layout.migrate_output(out_uri)
     done, _ = done_ids(out_uri, retry_rejected=retry_rejected)
     all_ids = shard_ids(shards_uri)
     n_total = len(all_ids)
@@ -710,7 +727,13 @@ def run_pseudolabel(checkpoint: str, shards_uri: str, out_uri: str, affinity: st
         cres.release_request()  # the nodes may scale down once idle
     stats_text = ds.stats() if ds is not None else ""
     stage_stats = parse_stats(stats_text)
-    compaction = compact_results(out_uri)
+    try:
+        from wsss.data.shards import read_rejects
+
+        shard_rejects = read_rejects(shards_uri)
+    except FileNotFoundError:
+        shard_rejects = []
+    compaction = compact_results(out_uri, shard_rejects)
     elapsed = time.perf_counter() - t_start
     processed = n_ok + n_rej
     summary = {

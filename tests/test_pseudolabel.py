@@ -110,42 +110,45 @@ def test_pseudolabel_rejects_corrupt_image_and_resumes(cam_ckpt, synth_root, tmp
     res = pseudolabel(cfg, cam_ckpt, str(data), str(out), stages=("cam", "crf"), split="val", progress=False)
     good = [i for i in ids if i != bad]
     assert res["n_written"] == len(good) and res["n_rejected"] == 1 and res["n_skipped"] == 0
-    assert sorted(p.stem for p in out.glob("*.png")) == sorted(good)
-    rej = _read(out / "rejects.parquet")
+    assert sorted(p.stem for p in out.glob("_labels/*.png")) == sorted(good)
+    assert sorted(p.name for p in out.iterdir()) == ["_labels", "_rejects.parquet", "part-00000.parquet"]
+    rej = _read(out / "_rejects.parquet")
     assert [r["id"] for r in rej] == [bad] and f"{bad}.jpg" in rej[0]["reason"]
-    rows = _read(out / "results.parquet")
+    rows = _read(out / "part-00000.parquet")
+    assert _read(out) == rows  # the folder is a Parquet dataset of the result rows
     assert sorted(r["id"] for r in rows) == sorted(good)
     assert all(r["status"] == "ok" and r["sec_cam"] > 0 and r["sec_crf"] > 0 and r["sec_rw"] is None
                for r in rows)
     ds = open_dataset(str(data), "val")
     for i in good:
-        lab = decode_mask((out / f"{i}.png").read_bytes(), i)
+        lab = decode_mask((out / "_labels" / f"{i}.png").read_bytes(), i)
         assert lab.shape == ds.image_hw(i)
         allowed = {0} | {c + 1 for c in np.flatnonzero(ds.labels(i))}
         assert set(np.unique(lab)) <= allowed
 
     # damage the output: remove one PNG, truncate another; the rest must be left alone
     removed, torn = good[0], good[1]
-    (out / f"{removed}.png").unlink()
-    (out / f"{torn}.png").write_bytes((out / f"{torn}.png").read_bytes()[:20])
+    lab_dir = out / "_labels"
+    (lab_dir / f"{removed}.png").unlink()
+    (lab_dir / f"{torn}.png").write_bytes((lab_dir / f"{torn}.png").read_bytes()[:20])
     untouched = good[2]
-    mtime = os.stat(out / f"{untouched}.png").st_mtime_ns
+    mtime = os.stat(lab_dir / f"{untouched}.png").st_mtime_ns
     res2 = pseudolabel(cfg, cam_ckpt, str(data), str(out), stages=("cam", "crf"), split="val", progress=False)
     assert res2["n_written"] == 2 and res2["n_skipped"] == len(good) - 2 and res2["n_rejected"] == 1
-    assert os.stat(out / f"{untouched}.png").st_mtime_ns == mtime
-    rows2 = _read(out / "results.parquet")
+    assert os.stat(lab_dir / f"{untouched}.png").st_mtime_ns == mtime
+    rows2 = _read(out / "part-00000.parquet")
     ids2 = [r["id"] for r in rows2]
     assert sorted(ids2) == sorted(good) and len(ids2) == len(set(ids2))       # nothing lost or duplicated
     assert {r["id"]: r["sec_cam"] for r in rows2}[untouched] == {r["id"]: r["sec_cam"] for r in rows}[untouched]
-    assert [r["id"] for r in _read(out / "rejects.parquet")] == [bad]
-    decode_mask((out / f"{torn}.png").read_bytes(), torn)
+    assert [r["id"] for r in _read(out / "_rejects.parquet")] == [bad]
+    decode_mask((lab_dir / f"{torn}.png").read_bytes(), torn)
 
     # the image is fixed: the next run picks it up and clears its reject
     shutil.copy(synth_root / "JPEGImages" / f"{bad}.jpg", data / "JPEGImages" / f"{bad}.jpg")
     res3 = pseudolabel(cfg, cam_ckpt, str(data), str(out), stages=("cam",), split="val", progress=False)
     assert res3["n_written"] == 1 and res3["n_rejected"] == 0
-    assert _read(out / "rejects.parquet") == []
-    assert sorted(r["id"] for r in _read(out / "results.parquet")) == sorted(ids)
+    assert _read(out / "_rejects.parquet") == []
+    assert sorted(r["id"] for r in _read(out / "part-00000.parquet")) == sorted(ids)
 
 
 def test_pseudolabel_without_config_uses_checkpoint_config(cam_ckpt, synth_root, tmp_path):
@@ -167,7 +170,7 @@ def test_cli_pseudolabel_set_applies_without_config(cam_ckpt, synth_root, tmp_pa
         out = tmp_path / t
         assert main(["pseudolabel", "--checkpoint", cam_ckpt, "--data", str(synth_root), "--out", str(out),
                      "--split", "val", "--stages", "cam", "--set", f"infer.bg_threshold={t}"]) == 0
-        labels = [np.asarray(Image.open(p)) for p in sorted(out.glob("*.png"))]
+        labels = [np.asarray(Image.open(p)) for p in sorted(out.glob("_labels/*.png"))]
         fg[t] = np.mean([((a > 0) & (a < 255)).mean() for a in labels])
     assert fg["0.01"] > fg["0.99"]
 
@@ -245,7 +248,7 @@ def test_random_walk_stage_and_full_pipeline(aff_ckpt, cam_ckpt, synth_root, tmp
     res = pseudolabel(cfg, cam_ckpt, str(synth_root), str(out), affinity=aff_ckpt["ckpt"],
                       stages=("cam", "rw", "crf"), split="val", progress=False)
     assert res["n_written"] == len(open_dataset(str(synth_root), "val").ids) and res["n_rejected"] == 0
-    rows = _read(out / "results.parquet")
+    rows = _read(out / "part-00000.parquet")
     assert all(r["sec_rw"] > 0 and r["sec_crf"] > 0 for r in rows)
 
 
@@ -304,11 +307,11 @@ def test_pseudolabel_to_s3(cam_ckpt, synth_root, s3_server):
     res = pseudolabel(_cfg(), cam_ckpt, str(synth_root), out, stages=("cam", "crf"), split="val",
                       progress=False, max_images=3)
     assert res["n_written"] == 3
-    names = fs.listdir(out)
-    pngs = [n for n in names if n.endswith(".png")]
-    assert len(pngs) == 3 and "results.parquet" in names and "rejects.parquet" in names
-    decode_mask(fs.read_bytes(fs.join(out, pngs[0])), pngs[0])
-    rows = pq.read_table(io.BytesIO(fs.read_bytes(fs.join(out, "results.parquet")))).to_pylist()
+    assert fs.listdir(out) == ["_labels", "_rejects.parquet", "part-00000.parquet"]
+    pngs = fs.listdir(fs.join(out, "_labels"))
+    assert len(pngs) == 3 and all(n.endswith(".png") for n in pngs)
+    decode_mask(fs.read_bytes(fs.join(out, "_labels", pngs[0])), pngs[0])
+    rows = pq.read_table(io.BytesIO(fs.read_bytes(fs.join(out, "part-00000.parquet")))).to_pylist()
     assert len(rows) == 3
     res2 = pseudolabel(_cfg(), cam_ckpt, str(synth_root), out, stages=("cam", "crf"), split="val",
                        progress=False, max_images=3)

@@ -76,7 +76,10 @@ def material(tmp_path_factory, s3_server):
 def _pngs(uri: str) -> set[str]:
     from wsss.data import fs
 
-    return {n[:-4] for n in fs.listdir(uri) if n.endswith(".png")}
+    try:
+        return {n[:-4] for n in fs.listdir(fs.join(uri, "_labels")) if n.endswith(".png")}
+    except FileNotFoundError:
+        return set()
 
 
 def _table(uri: str) -> list[dict]:
@@ -91,7 +94,7 @@ def _parts(uri: str) -> list[str]:
     from wsss.data import fs
 
     try:
-        return [n for n in fs.listdir(fs.join(uri, "results")) if n.endswith(".parquet")]
+        return [n for n in fs.listdir(fs.join(uri, "_parts")) if n.endswith(".parquet")]
     except FileNotFoundError:
         return []
 
@@ -109,18 +112,27 @@ def test_end_to_end_on_s3_one_label_per_id(ray_local, material):
     ids = material["ids"]
     assert res["n_ok"] == N_IMAGES and res["n_rejected"] == 0 and res["duplicates_in_run"] == 0
     assert _pngs(out) == set(ids)
-    rows = _table(fs.join(out, "results.parquet"))
+    rows = _table(fs.join(out, "part-00000.parquet"))
     assert [r["id"] for r in rows] == ids  # one row per id, sorted
     assert all(r["status"] == "ok" for r in rows)
     assert all(r["sec_cam"] is not None and r["sec_rw"] is not None and r["sec_crf"] is not None for r in rows)
-    assert _table(fs.join(out, "rejects.parquet")) == []
-    assert _parts(out) == []  # parts were compacted into results.parquet
+    assert _table(fs.join(out, "_rejects.parquet")) == []
+    assert _parts(out) == []  # parts were compacted into part-00000.parquet
+    # the output prefix is a Parquet dataset of exactly the result rows, for pyarrow and for Ray Data
+    import pyarrow.dataset as pads
+    import ray.data
+
+    from cluster.storage import pyarrow_fs
+
+    pfs, path = pyarrow_fs(out)
+    assert sorted(pads.dataset(path, filesystem=pfs, format="parquet").to_table().column("id").to_pylist()) == ids
+    assert sorted(r["id"] for r in ray.data.read_parquet(path, filesystem=pfs).take_all()) == ids
 
     # each label: the image's size, only background and the image's own classes
     names = material["class_names"]
     by_id = {r["id"]: r for r in rows}
     for rec in iter_shard_rows(material["shards_s3"], columns=["id", "image", "labels"]):
-        lab = decode_mask(fs.read_bytes(fs.join(out, f"{rec['id']}.png")), rec["id"])
+        lab = decode_mask(fs.read_bytes(fs.join(out, "_labels", f"{rec['id']}.png")), rec["id"])
         assert lab.shape == decode_image(rec["image"], rec["id"]).shape[:2]
         allowed = {0} | {k + 1 for k in np.flatnonzero(rec["labels"] > 0.5)}
         assert set(np.unique(lab).tolist()) <= allowed
@@ -132,16 +144,16 @@ def test_end_to_end_on_s3_one_label_per_id(ray_local, material):
     for r in res["stage_stats"]:
         if r["stage"] in ("cam", "rw", "crf"):
             assert r["rows"] == N_IMAGES and r["rows_per_s"] > 0
-    saved = json.loads(fs.read_bytes(fs.join(out, "stage_stats.json")))
+    saved = json.loads(fs.read_bytes(fs.join(out, "_stage_stats.json")))
     assert saved["stage_stats"] == json.loads(json.dumps(res["stage_stats"]))
 
     # a rerun finds everything done and changes nothing
-    before = {i: fs.read_bytes(fs.join(out, f"{i}.png")) for i in ids}
+    before = {i: fs.read_bytes(fs.join(out, "_labels", f"{i}.png")) for i in ids}
     res2 = run_pseudolabel(material["cam"], material["shards_s3"], out, affinity=material["aff"],
                            stages="cam,rw,crf", batch_size=3, crf_tasks=2, progress=False, verbose=False)
     assert res2["n_done_before"] == N_IMAGES and res2["n_processed"] == 0
-    assert [r["id"] for r in _table(fs.join(out, "results.parquet"))] == ids
-    assert {i: fs.read_bytes(fs.join(out, f"{i}.png")) for i in ids} == before
+    assert [r["id"] for r in _table(fs.join(out, "part-00000.parquet"))] == ids
+    assert {i: fs.read_bytes(fs.join(out, "_labels", f"{i}.png")) for i in ids} == before
 
 
 def test_killed_driver_then_rerun_completes_without_duplicates(ray_local, material, tmp_path):
@@ -177,7 +189,7 @@ def test_killed_driver_then_rerun_completes_without_duplicates(ray_local, materi
         log.close()
     n_at_kill = len(_pngs(out))
     assert 1 <= n_at_kill < N_IMAGES, n_at_kill
-    assert not fs.exists(fs.join(out, "results.parquet"))  # the killed run never compacted
+    assert not fs.exists(fs.join(out, "part-00000.parquet"))  # the killed run never compacted
 
     res = run_pseudolabel(material["cam"], material["shards_s3"], out, stages="cam,crf", batch_size=2,
                           crf_tasks=2, cfg_overrides=slow, progress=False, verbose=False)
@@ -185,10 +197,10 @@ def test_killed_driver_then_rerun_completes_without_duplicates(ray_local, materi
     assert res["n_processed"] == N_IMAGES - res["n_done_before"]
     ids = material["ids"]
     assert _pngs(out) == set(ids)
-    rows = _table(fs.join(out, "results.parquet"))
+    rows = _table(fs.join(out, "part-00000.parquet"))
     assert [r["id"] for r in rows] == ids  # sorted, unique, complete
     assert all(r["status"] == "ok" and r["sec_rw"] is None and r["sec_crf"] is not None for r in rows)
-    assert _table(fs.join(out, "rejects.parquet")) == []
+    assert _table(fs.join(out, "_rejects.parquet")) == []
 
 
 def _corrupt_shards(src: str, dst: str, bad: dict[str, bytes]) -> None:
@@ -210,7 +222,7 @@ def _corrupt_shards(src: str, dst: str, bad: dict[str, bytes]) -> None:
         pq.write_table(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA), path)
         data = Path(path).read_bytes()
         s["bytes"], s["sha256"] = len(data), hashlib.sha256(data).hexdigest()
-    Path(dst, "manifest.json").write_text(json.dumps(m, indent=2))
+    Path(dst, "_manifest.json").write_text(json.dumps(m, indent=2))
 
 
 def test_corrupt_images_are_rejected_rest_labelled(ray_local, material, tmp_path):
@@ -228,11 +240,11 @@ def test_corrupt_images_are_rejected_rest_labelled(ray_local, material, tmp_path
     res = run_pseudolabel(material["cam"], shards, out, stages="cam", batch_size=4, progress=False, verbose=False)
     assert res["n_ok"] == N_IMAGES - 2 and res["n_rejected"] == 2
     assert _pngs(out) == set(ids) - set(bad)
-    rejects = _table(fs.join(out, "rejects.parquet"))
+    rejects = _table(fs.join(out, "_rejects.parquet"))
     assert sorted(r["id"] for r in rejects) == sorted(bad)
     for r in rejects:
         assert r["reason"].startswith("decode: ") and r["id"] in r["reason"], r
-    assert [r["id"] for r in _table(fs.join(out, "results.parquet"))] == sorted(set(ids) - set(bad))
+    assert [r["id"] for r in _table(fs.join(out, "part-00000.parquet"))] == sorted(set(ids) - set(bad))
 
 
 def test_unplaceable_actors_fail_instead_of_hanging(ray_local, material, tmp_path):

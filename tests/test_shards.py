@@ -108,7 +108,7 @@ def _check_roundtrip(ds: MemDataset, dst: str, shard_size: int):
     assert len(m["shards"]) == math.ceil(len(good) / shard_size)
     assert [s["file"] for s in m["shards"]] == [f"shard-{i:05d}.parquet" for i in range(len(m["shards"]))]
     assert shards.read_manifest(dst) == m
-    assert fs.listdir(dst) == sorted([s["file"] for s in m["shards"]] + ["manifest.json", "rejects.parquet"])
+    assert fs.listdir(dst) == sorted([s["file"] for s in m["shards"]] + ["_manifest.json", "_rejects.parquet"])
 
     rows = list(shards.iter_shard_rows(dst))
     assert [r["id"] for r in rows] == good  # dataset order kept
@@ -158,7 +158,7 @@ def test_roundtrip_s3_and_rewrite(s3_server):
     ds2 = MemDataset(seed=1, with_bad=False)
     m2 = shards.write_shards(ds2, dst, shard_size=100, progress=False)
     assert len(m2["shards"]) == 1 < n_before and m2["n_rejects"] == 0
-    assert fs.listdir(dst) == ["manifest.json", "rejects.parquet", "shard-00000.parquet"]
+    assert fs.listdir(dst) == ["_manifest.json", "_rejects.parquet", "shard-00000.parquet"]
     assert shards.read_rejects(dst) == []
     assert [r["id"] for r in shards.iter_shard_rows(dst, columns=["id"])] == ds2.good_ids
 
@@ -180,10 +180,10 @@ def test_verify_detects_corruption(tmp_path):
 
 
 def test_manifest_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="manifest.json"):
+    with pytest.raises(FileNotFoundError, match="_manifest.json"):
         shards.read_manifest(str(tmp_path))
-    (tmp_path / "manifest.json").write_text(json.dumps({"shards": [{"file": "../x.parquet"}],
-                                                       "class_names": [], "n_images": 0}))
+    (tmp_path / "_manifest.json").write_text(json.dumps({"shards": [{"file": "../x.parquet"}],
+                                                        "class_names": [], "n_images": 0}))
     with pytest.raises(ValueError, match="bad shard file name"):
         shards.read_manifest(str(tmp_path))
     with pytest.raises(ValueError, match="shard_size"):

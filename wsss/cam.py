@@ -51,16 +51,25 @@ class CamInferencer:
     """Callable: (image uint8 HxWx3, labels (K,) multi-hot or None) -> (cam float32 (K',H,W), keys (K',)).
 
     With ``labels=None`` the classes are those the classifier scores positive (logit > 0) at scale 1.
+    ``infer_batch`` does the same for a list of images with one forward per scale for each group of same-size
+    images (both flips stacked in that batch); its results equal the per-image call's (allclose: eval-mode
+    BatchNorm, PCM and attention are per-sample, only the float summation order of batched kernels differs).
     """
 
     def __init__(self, model: torch.nn.Module, cfg: Config, device: torch.device | None = None,
-                 scales: list[float] | None = None, flip: bool | None = None, use_pcm: bool | None = None):
+                 scales: list[float] | None = None, flip: bool | None = None, use_pcm: bool | None = None,
+                 batch_size: int = 8):
         self.model = getattr(model, "module", model)
         self.cfg = cfg
         self.device = device or next(self.model.parameters()).device
         self.scales = list(scales if scales is not None else cfg.infer.scales)
         self.flip = cfg.infer.flip if flip is None else flip
         self.use_pcm = (cfg.infer.use_pcm and cfg.uses_pcm) if use_pcm is None else use_pcm
+        self.batch_size = max(1, int(batch_size))  # images per forward in infer_batch (x2 with flip)
+
+    def _select_cam(self, out: dict) -> torch.Tensor:
+        """The network output used as the CAM: the PCM-refined one when enabled and present, else the raw CAM."""
+        return out["cam_rv"] if (self.use_pcm and out.get("cam_rv") is not None) else out["cam"]
 
     @torch.no_grad()
     def __call__(self, image: np.ndarray, labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -73,25 +82,14 @@ class CamInferencer:
         x = normalize(image).unsqueeze(0).to(self.device)
         total = None
         logits1 = None
-        pcm_scored = False
         for s in self.scales:
             size = (max(8, int(round(h * s))), max(8, int(round(w * s))))
-            if size == (h, w):
-                xs = x
-            elif self.cfg.infer.resample == "bicubic":  # PIL bicubic on the uint8 image (PSA / SEAM MSF loaders)
-                pil = Image.fromarray(np.ascontiguousarray(image)).resize((size[1], size[0]), Image.BICUBIC)
-                xs = normalize(np.asarray(pil)).unsqueeze(0).to(self.device)
-            else:
-                xs = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+            xs = F.interpolate(x, size=size, mode="bilinear", align_corners=False) if size != (h, w) else x
             if self.flip:
                 xs = torch.cat([xs, torch.flip(xs, dims=(-1,))], dim=0)
             with autocast(self.device, self.cfg.optim.amp):
                 out = self.model(xs)
-            pcm_scored = self.use_pcm and out.get("cam_rv") is not None
-            if pcm_scored:  # SEAM: cam_rv at the pass's input size (align_corners=True), then the image size
-                cam = F.interpolate(out["cam_rv"].float(), size=size, mode="bilinear", align_corners=True)
-            else:  # PSA: ReLU per pass
-                cam = F.relu(out["cam"].float())
+            cam = F.relu(self._select_cam(out).float())
             cam = F.interpolate(cam, size=(h, w), mode="bilinear", align_corners=False)
             if self.flip:
                 cam = cam[0:1] + torch.flip(cam[1:2], dims=(-1,))
@@ -100,20 +98,70 @@ class CamInferencer:
                 logits1 = out["logits"][0].float()
         if was_training:
             self.model.train()
+        return self._finish(total, logits1, labels)
+
+    def _finish(self, total: torch.Tensor, logits1: torch.Tensor, labels) -> tuple[np.ndarray, np.ndarray]:
+        """(C, H, W) summed CAM of one image -> its positive classes' planes, max-normalised, and their keys."""
         if labels is None:
             labels_t = (logits1 > 0).float()
         else:
             labels_t = torch.as_tensor(np.asarray(labels), dtype=torch.float32, device=self.device)
         keys = torch.nonzero(labels_t > 0.5).flatten() + 1
-        cam = F.relu(total[keys])
+        cam = total[keys]
         flat = cam.reshape(cam.shape[0], -1)
         mx = flat.max(dim=1)[0].reshape(-1, 1, 1)
-        if pcm_scored:  # SEAM: per-channel min-max (values at the minimum go to 0)
-            mn = flat.min(dim=1)[0].reshape(-1, 1, 1)
-            cam = (cam - mn - 1e-5) / (mx - mn + 1e-5)
-        else:  # PSA: divided by the max
-            cam = cam / (mx + 1e-5)
+        cam = cam / (mx + 1e-5)
         return cam.clamp(0, 1).cpu().numpy().astype(np.float32), keys.cpu().numpy().astype(np.int64)
+
+    @torch.no_grad()
+    def infer_batch(self, images: list[np.ndarray], labels: list | None = None,
+                    batch_size: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``[self(im, lab) for im, lab in zip(images, labels)]`` with batched forwards: images are grouped by size,
+        and each group (in chunks of ``batch_size`` images, default ``self.batch_size``) goes through the network
+        once per scale with its flipped copies stacked in the same batch (2B inputs per forward)."""
+        from wsss.data.transforms import normalize
+        from wsss.train import autocast
+
+        n = len(images)
+        labels = [None] * n if labels is None else list(labels)
+        if len(labels) != n:
+            raise ValueError(f"infer_batch: {n} images but {len(labels)} label vectors")
+        bs = max(1, int(batch_size or self.batch_size))
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, im in enumerate(images):
+            groups.setdefault(tuple(int(v) for v in im.shape[:2]), []).append(i)
+        results: list = [None] * n
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for (h, w), idx in groups.items():
+                for c0 in range(0, len(idx), bs):
+                    chunk = idx[c0:c0 + bs]
+                    b = len(chunk)
+                    x = torch.stack([normalize(images[i]) for i in chunk]).to(self.device)
+                    total = None
+                    logits1 = None
+                    for s in self.scales:
+                        size = (max(8, int(round(h * s))), max(8, int(round(w * s))))
+                        xs = F.interpolate(x, size=size, mode="bilinear", align_corners=False) \
+                            if size != (h, w) else x
+                        if self.flip:
+                            xs = torch.cat([xs, torch.flip(xs, dims=(-1,))], dim=0)
+                        with autocast(self.device, self.cfg.optim.amp):
+                            out = self.model(xs)
+                        cam = F.relu(self._select_cam(out).float())
+                        cam = F.interpolate(cam, size=(h, w), mode="bilinear", align_corners=False)
+                        if self.flip:
+                            cam = cam[:b] + torch.flip(cam[b:], dims=(-1,))
+                        total = cam if total is None else total + cam
+                        if s == 1.0 or logits1 is None:
+                            logits1 = out["logits"][:b].float()
+                    for j, i in enumerate(chunk):
+                        results[i] = self._finish(total[j], logits1[j], labels[i])
+        finally:
+            if was_training:
+                self.model.train()
+        return results
 
 
 def cam_labels(cam: np.ndarray, keys: np.ndarray, bg_threshold: float) -> np.ndarray:
@@ -130,7 +178,10 @@ def infer_cams(checkpoint: str, data_root: str, out: str, split: str | None = No
                overrides: list[str] | None = None, labels_png: bool = False, progress: bool = True,
                device: str | None = None) -> dict:
     """Run CAM inference over a dataset: ``<out>/<id>.npz`` per image (+ label PNGs under ``<out>/labels``
-    when ``labels_png``), ``<out>/rejects.csv`` for bad items. Resumes: existing npz files are skipped."""
+    when ``labels_png``), ``<out>/rejects.csv`` (id, reason) for bad items and unsafe ids of the split list, so
+    written + already there + rejected = ids listed. Items are checked as ``wsss shard`` checks them (image, mask
+    size and classes, labels) and inferred in batches (``CamInferencer.infer_batch``). Resumes: existing npz
+    files are skipped."""
     from tqdm import tqdm
 
     from wsss.checkpoint import load_cam_model
@@ -147,28 +198,39 @@ def infer_cams(checkpoint: str, data_root: str, out: str, split: str | None = No
     if labels_png:
         fs.makedirs(fs.join(out, "labels"))
     done = set(n[:-4] for n in fs.listdir(out) if n.endswith(".npz"))
-    rejects: list[tuple[str, str]] = []
+    rejects: list[tuple[str, str]] = [(str(i), str(r).splitlines()[0]) for i, r in ds.rejects]
     n_new = 0
     t0 = time.perf_counter()
-    for i in tqdm(ds.ids, desc="cams", disable=not progress, unit="img"):
-        if i in done:
-            continue
-        try:
-            image = ds.load_image(i)
-            labels = ds.labels(i)
-            cam, keys = inf(image, labels)
-        except (BadItem, FileNotFoundError, ValueError) as e:
-            rejects.append((i, str(e).splitlines()[0]))
-            continue
-        save_cam(fs.join(out, f"{i}.npz"), cam, keys)
-        if labels_png:
-            fs.write_bytes(fs.join(out, "labels", f"{i}.png"),
-                           encode_label_png(cam_labels(cam, keys, cfg.infer.bg_threshold)))
-        n_new += 1
+    todo = [i for i in ds.ids if i not in done]
+    bar = tqdm(total=len(todo), desc="cams", disable=not progress, unit="img")
+    for c0 in range(0, len(todo), inf.batch_size):
+        ok_ids, images, labels = [], [], []
+        for i in todo[c0:c0 + inf.batch_size]:
+            try:
+                item = ds.load_item(i)
+            except (BadItem, FileNotFoundError, ValueError) as e:
+                rejects.append((i, str(e).splitlines()[0]))
+                continue
+            ok_ids.append(i)
+            images.append(item["image"])
+            labels.append(item["labels"])
+        for i, (cam, keys) in zip(ok_ids, inf.infer_batch(images, labels) if images else []):
+            save_cam(fs.join(out, f"{i}.npz"), cam, keys)
+            if labels_png:
+                fs.write_bytes(fs.join(out, "labels", f"{i}.png"),
+                               encode_label_png(cam_labels(cam, keys, cfg.infer.bg_threshold)))
+            n_new += 1
+        bar.update(len(todo[c0:c0 + inf.batch_size]))
+    bar.close()
     dt = time.perf_counter() - t0
     if rejects:
-        lines = "id,reason\n" + "".join(f"{i},\"{r.replace(chr(34), chr(39))}\"\n" for i, r in rejects)
-        fs.write_bytes(fs.join(out, "rejects.csv"), lines.encode())
+        import csv
+
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(["id", "reason"])
+        writer.writerows(rejects)
+        fs.write_bytes(fs.join(out, "rejects.csv"), buf.getvalue().encode())
     return {"written": n_new, "skipped_existing": len(done & set(ds.ids)), "rejects": rejects,
             "seconds": dt, "images_per_s": n_new / dt if dt > 0 else 0.0, "out": out}
 

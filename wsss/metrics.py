@@ -229,25 +229,34 @@ def threshold_sweep(pairs: Iterable, num_classes: int, class_names: list[str] | 
 def evaluate_folder(pred_dir: str, data_root: str, split: str | None = None, json_path: str | None = None,
                     layout: str = "auto") -> dict:
     """mIoU of prediction PNGs ``<pred_dir>/<id>.png`` (palette/label maps, local or s3://) against a dataset's
-    ground-truth masks (any layout). Missing predictions are listed in ``missing``; unreadable files and size
-    mismatches in ``rejects`` as ``[id, reason]``; neither stops the run.
+    ground-truth masks (any layout). ``pred_dir`` may be a pseudo-label output prefix (PNGs under ``_labels/``,
+    its ``_rejects.parquet`` read: an id it rejected is reported in ``rejects`` with that reason, prefixed
+    ``pseudolabel: ``) or a plain folder of PNGs. Missing predictions are listed in ``missing``; the dataset's
+    unsafe ids, unreadable files and size mismatches in ``rejects`` as ``[id, reason]``; neither stops the run.
 
     Writes JSON ``{"miou", "per_class", "absent", "n_images", "split", "missing", "rejects", "pred_dir"}`` to
     ``json_path`` when given.
     """
     from wsss.data import fs, open_dataset
+    from wsss.data import layout as out_layout
     from wsss.data.io import BadItem, decode_mask
 
     ds = open_dataset(data_root, split, layout=layout)
     try:
-        available = {n[:-4] for n in fs.listdir(pred_dir) if n.endswith(".png")}
+        pred_names = set(fs.listdir(pred_dir))
     except (FileNotFoundError, NotADirectoryError):
         raise FileNotFoundError(f"prediction folder not found: {pred_dir}") from None
+    label_dir = out_layout.label_dir(pred_dir, pred_names)
+    available = {n[:-4] for n in (pred_names if label_dir == pred_dir else fs.listdir(label_dir)) if n.endswith(".png")}
+    pred_rejects = out_layout.read_rejects(pred_dir, pred_names)
     cm = ConfusionMatrix(ds.num_classes)
     missing: list[str] = []
     rejects: list[list[str]] = [[i, r] for i, r in ds.rejects]
     n = 0
     for item_id in ds.ids:
+        if item_id not in available and item_id in pred_rejects:
+            rejects.append([item_id, f"pseudolabel: {pred_rejects[item_id]}"])
+            continue
         if ds.mask_uri(item_id) is None:
             rejects.append([item_id, f"id {item_id}: no ground-truth mask"])
             continue
@@ -256,7 +265,7 @@ def evaluate_folder(pred_dir: str, data_root: str, split: str | None = None, jso
             continue
         try:
             gt = ds.load_mask(item_id, check_size=False)
-            uri = fs.join(pred_dir, f"{item_id}.png")
+            uri = fs.join(label_dir, f"{item_id}.png")
             pred = decode_mask(fs.read_bytes(uri), uri)
             if pred.shape != gt.shape:
                 raise BadItem(f"{uri}: prediction is {pred.shape[1]}x{pred.shape[0]} (WxH) but the mask is "

@@ -58,6 +58,10 @@ class CamStage:
     def __call__(self, image: np.ndarray, labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         return self.inferencer(image, labels)
 
+    def batch(self, images: list[np.ndarray], labels: list | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``[self(im, lab) ...]`` with one forward per scale per group of same-size images (flips stacked)."""
+        return self.inferencer.infer_batch(images, labels)
+
 
 def load_affinity_model(checkpoint: str, device=None, radius: int = 5):
     """(AffinityNet in eval mode on ``device``, its cfg, meta) from an affinity checkpoint folder."""
@@ -200,17 +204,17 @@ def checkpoint_config(checkpoint: str, overrides: list[str] | None = None) -> Co
     return from_dict(yaml.safe_load(fs.read_bytes(uri)) or {}, overrides)
 
 
-# ---- tables --------------------------------------------------------------------------------------------
+# ---- tables ----------------------------------------------------------------------------------------------
 
 def _read_table(uri: str) -> list[dict]:
-    import pyarrow.parquet as pq
-
     from wsss.data import fs
+    from wsss.data.io import read_parquet_bytes
 
     if not fs.exists(uri):
         return []
     try:
-        return pq.read_table(io.BytesIO(fs.read_bytes(uri))).to_pylist()
+        # decoded in this thread: Arrow pool threads can abort the process at exit (wsss.data.io)
+        return read_parquet_bytes(fs.read_bytes(uri)).to_pylist()
     except Exception:  # noqa: BLE001 - a torn table from a killed run is rebuilt from the PNGs
         return []
 
@@ -262,21 +266,52 @@ def _one_line(e: BaseException) -> str:
 
 # ---- the local sequential loop ---------------------------------------------------------------------------
 
+def _cam_chunk(cam_stage: "CamStage", items: list[dict]) -> list[tuple]:
+    """CAMs of a chunk of loaded items: [((cam, keys) or the exception, seconds per image)], batched when the
+    chunk has several images; if the batch fails, each image is tried alone so one bad item cannot sink the rest."""
+    if len(items) > 1:
+        t0 = time.perf_counter()
+        try:
+            outs = cam_stage.batch([it["image"] for it in items], [it["labels"] for it in items])
+            sec = (time.perf_counter() - t0) / len(items)
+            return [(o, sec) for o in outs]
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception:  # noqa: BLE001 - fall back to one image at a time to find the bad one
+            pass
+    res = []
+    for it in items:
+        t0 = time.perf_counter()
+        try:
+            o = cam_stage(it["image"], it["labels"])
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as e:  # noqa: BLE001
+            o = e
+        res.append((o, time.perf_counter() - t0))
+    return res
+
+
 def pseudolabel(cfg: Config | None, checkpoint: str, data_root: str, out: str, affinity: str | None = None,
                 stages=("cam", "rw", "crf"), split: str | None = None, progress: bool = True,
-                device=None, flush_every: int = 25, max_images: int | None = None) -> dict:
-    """Write ``<out>/<id>.png`` (VOC palette, class indices) for every image of the dataset, in one process.
+                device=None, flush_every: int = 25, max_images: int | None = None, cam_batch: int = 8) -> dict:
+    """Write ``<out>/_labels/<id>.png`` (VOC palette, class indices) for every image of the dataset, in one process.
 
     cfg: supplies rw.*, crf.*, infer.bg_threshold and data.layout (None: the CAM checkpoint's config); the CAM
     network and its inference settings (infer.scales, flip, use_pcm) come from the checkpoint.
-    ``<out>/results.parquet`` (id, classes, sec_cam, sec_rw, sec_crf, status) and ``<out>/rejects.parquet``
-    (id, reason) are rewritten every ``flush_every`` images and at the end.  Resumable: ids whose PNG exists and
-    decodes are skipped and keep their previous result rows.  A bad item is rejected with its reason; the others
-    are still written.
+    ``<out>/part-00000.parquet`` (id, classes, sec_cam, sec_rw, sec_crf, status: the folder's only data file, so
+    ``pyarrow.dataset.dataset(out)`` / ``ray.data.read_parquet(out)`` read the result rows) and
+    ``<out>/_rejects.parquet`` (id, reason) are rewritten every ``flush_every`` images and at the end (layout:
+    wsss.data.layout; an old-layout folder is migrated first).  Every item is validated as ``wsss shard`` does
+    (image decodes, mask decodes with the image's size and the class count, labels non-empty); a bad item, and
+    every unsafe id of the split list, is rejected with its reason, so written + rejected = ids listed.
+    Resumable: ids whose PNG exists and decodes are skipped and keep their previous result rows.
+    ``cam_batch``: images per batched CAM forward (``CamStage.batch``; 1 = the per-image path); ``sec_cam`` of
+    an image is then its batch's CAM time divided by the batch's images.
     """
     from tqdm import tqdm
 
-    from wsss.data import fs, open_dataset
+    from wsss.data import fs, layout, open_dataset
     from wsss.data.io import encode_label_png
 
     st = check_stages(stages, affinity)
@@ -284,8 +319,11 @@ def pseudolabel(cfg: Config | None, checkpoint: str, data_root: str, out: str, a
         cfg = checkpoint_config(checkpoint)
     out = str(out)
     fs.makedirs(out)
-    results_uri = fs.join(out, "results.parquet")
-    rejects_uri = fs.join(out, "rejects.parquet")
+    layout.migrate_output(out)
+    results_uri = fs.join(out, layout.RESULTS)
+    rejects_uri = fs.join(out, layout.REJECTS)
+    labels_dir = fs.join(out, layout.LABELS_DIR)
+    fs.makedirs(labels_dir)
 
     ds = open_dataset(data_root, split, layout=cfg.data.layout)
     ids = list(ds.ids)
@@ -295,8 +333,8 @@ def pseudolabel(cfg: Config | None, checkpoint: str, data_root: str, out: str, a
     prev_results = {r["id"]: r for r in _read_table(results_uri)}
     prev_rejects = {r["id"]: r for r in _read_table(rejects_uri)}
 
-    existing = set(fs.listdir(out)) if fs.exists(out) else set()
-    done = [i for i in ids if f"{i}.png" in existing and _png_ok(fs.join(out, f"{i}.png"), f"{i}.png")]
+    existing = set(fs.listdir(labels_dir)) if fs.exists(labels_dir) else set()
+    done = [i for i in ids if f"{i}.png" in existing and _png_ok(layout.label_uri(out, i), f"{i}.png")]
     done_set = set(done)
     todo = [i for i in ids if i not in done_set]
 
@@ -323,52 +361,70 @@ def pseudolabel(cfg: Config | None, checkpoint: str, data_root: str, out: str, a
     sums = {"sec_cam": 0.0, "sec_rw": 0.0, "sec_crf": 0.0}
     counts = {k: 0 for k in sums}
     t_start = time.perf_counter()
-    bar = tqdm(todo, desc=f"pseudolabel {'+'.join(st)}", disable=not progress, unit="img")
-    for k, item_id in enumerate(bar):
-        row = {"id": item_id, "classes": None, "sec_cam": None, "sec_rw": None, "sec_crf": None, "status": "ok"}
-        try:
-            image = ds.load_image(item_id)
-            labels = ds.labels(item_id)
-            t0 = time.perf_counter()
-            cam, keys = cam_stage(image, labels)
-            row["sec_cam"] = time.perf_counter() - t0
-            row["classes"] = [ds.class_names[int(c)] for c in keys]
-            if rw_stage is not None:
-                t0 = time.perf_counter()
-                probs, pkeys = rw_stage(image, cam, keys)
-                row["sec_rw"] = time.perf_counter() - t0
-            else:
-                probs, pkeys = cam_scores(cam, keys, cfg.infer.bg_threshold)
-            if "crf" in st:
-                t0 = time.perf_counter()
-                probs, pkeys = crf_stage(image, probs, pkeys, cfg.crf)
-                row["sec_crf"] = time.perf_counter() - t0
-            label = labels_from_scores(probs, pkeys)
-            fs.write_bytes(fs.join(out, f"{item_id}.png"), encode_label_png(label))
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except Exception as e:  # noqa: BLE001 - batch: reject this item, keep the rest
-            rejects[item_id] = {"id": item_id, "reason": _one_line(e)}
-            results.pop(item_id, None)
-            continue
-        results[item_id] = row
-        rejects.pop(item_id, None)
-        n_written += 1
-        for key in sums:
-            if row[key] is not None:
-                sums[key] += row[key]
-                counts[key] += 1
-        if flush_every and (k + 1) % flush_every == 0:
+    bar = tqdm(total=len(todo), desc=f"pseudolabel {'+'.join(st)}", disable=not progress, unit="img")
+    chunk_size = max(1, int(cam_batch))
+    n_since_flush = 0
+    for c0 in range(0, len(todo), chunk_size):
+        chunk = todo[c0:c0 + chunk_size]
+        items = []
+        for item_id in chunk:
+            try:
+                items.append(ds.load_item(item_id))  # the checks of `wsss shard`: image, mask (size, classes), labels
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as e:  # noqa: BLE001 - batch: reject this item, keep the rest
+                rejects[item_id] = {"id": item_id, "reason": _one_line(e)}
+                results.pop(item_id, None)
+        cams = _cam_chunk(cam_stage, items) if items else []
+        for item, (cam_out, sec_cam) in zip(items, cams):
+            item_id, image = item["id"], item["image"]
+            row = {"id": item_id, "classes": None, "sec_cam": sec_cam, "sec_rw": None, "sec_crf": None,
+                   "status": "ok"}
+            try:
+                if isinstance(cam_out, BaseException):
+                    raise cam_out
+                cam, keys = cam_out
+                row["classes"] = [ds.class_names[int(c)] for c in keys]
+                if rw_stage is not None:
+                    t0 = time.perf_counter()
+                    probs, pkeys = rw_stage(image, cam, keys)
+                    row["sec_rw"] = time.perf_counter() - t0
+                else:
+                    probs, pkeys = cam_scores(cam, keys, cfg.infer.bg_threshold)
+                if "crf" in st:
+                    t0 = time.perf_counter()
+                    probs, pkeys = crf_stage(image, probs, pkeys, cfg.crf)
+                    row["sec_crf"] = time.perf_counter() - t0
+                label = labels_from_scores(probs, pkeys)
+                fs.write_bytes(layout.label_uri(out, item_id), encode_label_png(label))
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as e:  # noqa: BLE001 - batch: reject this item, keep the rest
+                rejects[item_id] = {"id": item_id, "reason": _one_line(e)}
+                results.pop(item_id, None)
+                continue
+            results[item_id] = row
+            rejects.pop(item_id, None)
+            n_written += 1
+            for key in sums:
+                if row[key] is not None:
+                    sums[key] += row[key]
+                    counts[key] += 1
+        bar.update(len(chunk))
+        n_since_flush += len(chunk)
+        if flush_every and n_since_flush >= flush_every:
+            n_since_flush = 0
             _write_results(results_uri, list(results.values()))
             _write_rejects(rejects_uri, list(rejects.values()))
     bar.close()
     elapsed = time.perf_counter() - t_start
     _write_results(results_uri, list(results.values()))
     _write_rejects(rejects_uri, list(rejects.values()))
-    n_rej = sum(1 for i in ids if i in rejects)
+    listed_rejects = [i for i, _ in getattr(ds, "rejects", []) or []]
+    n_rej = sum(1 for i in ids if i in rejects) + len(set(listed_rejects) - id_set)
     return {
         "out": out, "stages": list(st), "n_images": len(ids), "n_written": n_written, "n_skipped": len(done),
-        "n_rejected": n_rej, "seconds": elapsed,
+        "n_rejected": n_rej, "n_listed": len(ids) + len(set(listed_rejects) - id_set), "seconds": elapsed,
         "images_per_s": n_written / elapsed if elapsed > 0 and n_written else 0.0,
         **{f"mean_{k}": (v / counts[k] if counts[k] else math.nan) for k, v in sums.items()},
         "results": results_uri, "rejects": rejects_uri,

@@ -9,6 +9,12 @@ Everything that turns bytes from a dataset into arrays goes through here, so tha
 - Masks: palette ("P") or grayscale PNGs hold class indices directly; 255 = ignore (VOC object borders).
   RGB-coded masks in the VOC colours are mapped back to indices.
 - A decompression-bomb guard rejects images above :data:`MAX_IMAGE_PIXELS` before their pixels are decoded.
+- Parquet from bytes (:func:`read_parquet_bytes`, :func:`iter_parquet_bytes`) is decoded in the calling thread.
+  ``pq.read_table(BufferReader(bytes))`` decodes on Arrow's thread pools, and a pool worker can drop the last
+  reference to the Python-owned buffer after the call returned; if that happens while the interpreter exits,
+  the worker's GIL request ends it with ``pthread_exit`` inside a C++ destructor and the process aborts with
+  ``terminate called without an active exception`` (seen at the end of ``wsss shard``; Arrow issue #45017 has
+  the same stack).
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 __all__ = ["BadItem", "MAX_IMAGE_PIXELS", "IGNORE", "validate_id", "decode_image", "decode_mask",
-           "image_size", "encode_label_png", "voc_palette"]
+           "image_size", "encode_label_png", "voc_palette", "read_parquet_bytes", "iter_parquet_bytes"]
 
 #: Largest image accepted (pixels). PIL's own default decompression-bomb limit (~9459 x 9459); kept equal to it
 #: so PIL never warns below our limit and anything above is refused before decoding.
@@ -66,7 +72,9 @@ def _open(data: bytes, name: str, what: str) -> Image.Image:
         raise BadItem(f"{name}: empty file")
     try:
         img = Image.open(io.BytesIO(data))
-    except Exception as e:  # UnidentifiedImageError, SyntaxError, OSError, DecompressionBombError, ...
+    except Image.UnidentifiedImageError:  # its message names a BytesIO object's address: say what it means
+        raise BadItem(f"{name}: not a readable {what} (unknown format, {len(data)} bytes)") from None
+    except Exception as e:  # SyntaxError, OSError, DecompressionBombError, ...
         raise BadItem(f"{name}: not a readable {what} ({_one_line(e)})") from None
     w, h = img.size
     if w <= 0 or h <= 0:
@@ -213,3 +221,21 @@ def voc_palette() -> list[int]:
             pal.extend((r, g, b))
         _PALETTE = pal
     return list(_PALETTE)
+
+
+def read_parquet_bytes(data: bytes, columns: list[str] | None = None):
+    """A Parquet file held in memory -> ``pyarrow.Table``, decoded in this thread (no Arrow pool threads, see the
+    module docstring). For the small tables of this project (rejects, results, shard id columns)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(pa.BufferReader(data), pre_buffer=False).read(columns=columns, use_threads=False)
+
+
+def iter_parquet_bytes(data: bytes, batch_size: int, columns: list[str] | None = None):
+    """Record batches of a Parquet file held in memory, decoded in this thread (see :func:`read_parquet_bytes`)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(pa.BufferReader(data), pre_buffer=False)
+    yield from pf.iter_batches(batch_size=batch_size, columns=columns, use_threads=False)

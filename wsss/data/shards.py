@@ -1,18 +1,22 @@
 """Parquet shards of a wsss dataset (pure pyarrow; local or s3:// through wsss.data.fs; no Ray).
 
-Layout of a shard folder ``DST``::
+Layout of a shard folder ``DST`` (a Parquet dataset: the shards are its only visible ``*.parquet`` files, the side
+files start with ``_`` so pyarrow.dataset / ``ray.data.read_parquet`` / Spark skip them; see wsss.data.layout)::
 
     DST/shard-00000.parquet ...   one row per image, schema SHARD_SCHEMA
-    DST/rejects.parquet           id, reason (items that could not be sharded)
-    DST/manifest.json             written last: counts, class names, source, shard files with sha256
+    DST/_rejects.parquet          id, reason: every listed id that is not in the shards (bad item, unsafe id, ...)
+    DST/_manifest.json            written last: counts, class names, source, shard files with sha256
+
+Folders of the old layout (``manifest.json``, ``rejects.parquet``) are still read, with a LegacyLayoutWarning.
 
 Row: ``id`` (str), ``image`` (the original encoded bytes, JPEG/PNG, unchanged), ``labels`` (list<float32>,
 multi-hot over the K = C-1 foreground classes), ``mask`` (the mask PNG bytes, or null), ``width``, ``height``
 (int32, of the decoded image).
 
 Every item is validated before it is written (id, image decodes, mask decodes and matches the image size and the
-class count, labels have K entries in {0, 1} with at least one positive); a bad item goes to rejects.parquet with
-a one-line reason and the rest is sharded. Shards and the manifest are written atomically; the manifest appears
+class count, labels have K entries in {0, 1} with at least one positive); a bad item goes to _rejects.parquet with
+a one-line reason and the rest is sharded, so ``n_images + n_rejects`` = the ids listed (the unsafe ids the
+dataset reader refused, e.g. ``../x`` in a split file, are rejects too). Shards and the manifest are written atomically; the manifest appears
 only when all shards are written, so a folder with a manifest is complete. Re-running into the same folder
 rewrites it (idempotent) and removes stale shard files that the new manifest does not list.
 """
@@ -30,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from wsss.data import fs
+from wsss.data import fs, layout
 
 __all__ = [
     "SHARD_SCHEMA",
@@ -49,8 +53,8 @@ __all__ = [
 ]
 
 FORMAT = "wsss-shards/1"
-MANIFEST = "manifest.json"
-REJECTS = "rejects.parquet"
+MANIFEST = layout.MANIFEST  # "_manifest.json"
+REJECTS = layout.REJECTS  # "_rejects.parquet"
 
 SHARD_SCHEMA = pa.schema(
     [
@@ -140,8 +144,10 @@ def write_shards(dataset, dst_uri: str, shard_size: int = 1000, progress: bool =
 
     fs.makedirs(dst_uri)
     manifest_uri = fs.join(dst_uri, MANIFEST)
-    if fs.exists(manifest_uri):  # invalidate first: a half-rewritten folder must not look complete
-        fs.remove(manifest_uri)
+    existing = set(_listdir(dst_uri))
+    for name in (MANIFEST, layout.LEGACY_MANIFEST):  # invalidate first: a half-rewritten folder must not look complete
+        if name in existing:
+            fs.remove(fs.join(dst_uri, name))
 
     bar = None
     if progress:
@@ -153,7 +159,8 @@ def write_shards(dataset, dst_uri: str, shard_size: int = 1000, progress: bool =
             bar = None
 
     shards: list[dict] = []
-    rejects: list[tuple[str, str]] = []
+    # ids the reader refused before listing them (unsafe ids in a split file / labels.csv): rejects too
+    rejects: list[tuple[str, str]] = [(str(i), _one_line_text(r)) for i, r in getattr(dataset, "rejects", None) or []]
     seen: set[str] = set()
     buffer: list[dict] = []
 
@@ -197,14 +204,12 @@ def write_shards(dataset, dst_uri: str, shard_size: int = 1000, progress: bool =
             bar.close()
 
     fs.write_bytes(fs.join(dst_uri, REJECTS), _rejects_bytes(rejects))
-    # remove shard files of an earlier, larger run into the same folder
+    # remove shard files of an earlier, larger run into the same folder, and the old layout's rejects file
     keep = {s["file"] for s in shards}
-    try:
-        for name in fs.listdir(dst_uri):
-            if name.startswith("shard-") and name.endswith(".parquet") and name not in keep:
-                fs.remove(fs.join(dst_uri, name))
-    except FileNotFoundError:
-        pass
+    for name in _listdir(dst_uri):
+        if (name.startswith("shard-") and name.endswith(".parquet") and name not in keep) \
+                or name == layout.LEGACY_REJECTS:
+            fs.remove(fs.join(dst_uri, name))
 
     manifest = {
         "format": FORMAT,
@@ -222,6 +227,17 @@ def write_shards(dataset, dst_uri: str, shard_size: int = 1000, progress: bool =
     }
     fs.write_text(manifest_uri, json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _listdir(uri: str) -> list[str]:
+    try:
+        return fs.listdir(uri)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _one_line_text(text) -> str:
+    return _one_line(ValueError(str(text)))
 
 
 def _windowed_map(pool, fn, items, window):
@@ -247,8 +263,9 @@ def _describe_source(dataset) -> dict:
 # --- readers -----------------------------------------------------------------------------------------------------
 
 def read_manifest(uri: str) -> dict:
-    """The manifest of a shard folder. Missing -> FileNotFoundError naming it; malformed -> ValueError."""
-    m_uri = fs.join(uri, MANIFEST)
+    """The manifest of a shard folder (``_manifest.json``, or the old ``manifest.json`` with a
+    LegacyLayoutWarning). Missing -> FileNotFoundError naming it; malformed -> ValueError."""
+    m_uri = layout.side_file(uri, MANIFEST, layout.LEGACY_MANIFEST)
     try:
         text = fs.read_text(m_uri)
     except FileNotFoundError:
@@ -281,16 +298,20 @@ def iter_shard_rows(uri: str, columns: list[str] | None = None) -> Iterator[dict
     """Yield rows (dicts) of every shard in manifest order: id (str), image (bytes), labels (float32 ndarray),
     mask (bytes|None), width, height (int). ``columns`` restricts what is read (e.g. ["id", "labels"])."""
     for f in shard_files(uri):
-        pf = pq.ParquetFile(pa.BufferReader(fs.read_bytes(f)))
-        for batch in pf.iter_batches(batch_size=_ROW_GROUP, columns=columns):
+        from wsss.data.io import iter_parquet_bytes
+
+        for batch in iter_parquet_bytes(fs.read_bytes(f), _ROW_GROUP, columns):
             for rec in batch.to_pylist():
                 yield _row_dict(rec) if "labels" in rec else rec
 
 
 def read_rejects(uri: str) -> list[tuple[str, str]]:
-    """(id, reason) pairs from ``<uri>/rejects.parquet`` ([] when there were none)."""
-    r_uri = fs.join(uri, REJECTS)
-    table = pq.read_table(pa.BufferReader(fs.read_bytes(r_uri)))
+    """(id, reason) pairs from ``<uri>/_rejects.parquet`` (or the old ``rejects.parquet``); [] when there were
+    none. A folder without either -> FileNotFoundError."""
+    r_uri = layout.side_file(uri, REJECTS, layout.LEGACY_REJECTS)
+    from wsss.data.io import read_parquet_bytes
+
+    table = read_parquet_bytes(fs.read_bytes(r_uri))
     return list(zip(table.column("id").to_pylist(), table.column("reason").to_pylist()))
 
 
@@ -314,7 +335,7 @@ def verify_shards(uri: str, deep: bool = False) -> dict:
             errors.append(f"{f}: sha256 mismatch (manifest {str(s.get('sha256'))[:12]}..., file {digest[:12]}...)")
             continue
         try:
-            pf = pq.ParquetFile(pa.BufferReader(data))
+            pf = pq.ParquetFile(pa.BufferReader(data), pre_buffer=False)
         except Exception as e:
             errors.append(f"{f}: unreadable parquet ({_one_line(e)})")
             continue
@@ -324,12 +345,12 @@ def verify_shards(uri: str, deep: bool = False) -> dict:
             errors.append(f"{f}: schema differs from {FORMAT}")
         n_rows += pf.metadata.num_rows
         if deep:
-            for i in pf.read(columns=["id"]).column("id").to_pylist():
+            for i in pf.read(columns=["id"], use_threads=False).column("id").to_pylist():
                 if i in seen:
                     errors.append(f"{f}: duplicate id {i!r}")
                 seen.add(i)
     if n_rows != m["n_images"] and not errors:
-        errors.append(f"{fs.join(uri, MANIFEST)}: n_images {m['n_images']} but shards hold {n_rows} rows")
+        errors.append(f"{uri}: manifest n_images {m['n_images']} but shards hold {n_rows} rows")
     return {"ok": not errors, "n_rows": n_rows, "errors": errors}
 
 

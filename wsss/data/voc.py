@@ -3,7 +3,8 @@
 ::
 
     root/
-      JPEGImages/<id>.jpg                    images (any format PIL reads; PNG bytes in a .jpg are fine)
+      JPEGImages/<id>.<jpg|jpeg|png|...>     images (any format PIL reads whatever the extension says; found by id
+                                             with any extension of IMAGE_EXTS, case-insensitive, .jpg first)
       SegmentationClass/<id>.png             masks, palette indices, 255 = ignore (optional)
       SegmentationClassAug/<id>.png          SBD-augmented masks (optional)
       ImageSets/Segmentation/<split>.txt     one id per line
@@ -17,7 +18,8 @@ original SegmentationClass masks); the Aug set only fills ids the original set d
 Labels: ``cls_labels.npy`` when it has the id, else derived from the id's mask (values other than 0 and 255).
 
 Split: ``split=None`` takes the union of all ``ImageSets/Segmentation/*.txt`` files (in name order); without any
-split file, every image in JPEGImages/. A named split whose file is missing -> DatasetError.
+split file, every image in JPEGImages/. A named split whose file is missing -> DatasetError. Unsafe ids in a split
+file (``../x``, ``a/b``) are in ``.rejects`` with their reason, not in ``.ids``.
 """
 from __future__ import annotations
 
@@ -25,8 +27,12 @@ import numpy as np
 
 from wsss.data import fs
 from wsss.data.base import (Dataset, DatasetError, _list, load_label_dict, read_class_names, read_split_ids)
+from wsss.data.io import BadItem, validate_id
 
-__all__ = ["VOC_CLASSES", "VOCDataset"]
+__all__ = ["VOC_CLASSES", "VOCDataset", "IMAGE_EXTS"]
+
+#: Image extensions looked up in JPEGImages/, in order of preference when several files share an id.
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 VOC_CLASSES = [
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -52,6 +58,15 @@ class VOCDataset(Dataset):
             if "SegmentationClass" in top else set()
         self._seg_aug = set(_stems(_list(fs.join(self.root, "SegmentationClassAug")), ".png")) \
             if "SegmentationClassAug" in top else set()
+        # id -> image file name, any supported extension (an RGBA .png under JPEGImages/ is a good image)
+        self._images: dict[str, str] = {}
+        for name in _list(fs.join(self.root, "JPEGImages")):
+            stem, dot, ext = name.rpartition(".")
+            if not dot or not stem or ("." + ext.lower()) not in IMAGE_EXTS:
+                continue
+            prev = self._images.get(stem)
+            if prev is None or _ext_rank(name) < _ext_rank(prev):
+                self._images[stem] = name
         split_dir = fs.join(self.root, "ImageSets", "Segmentation")
         if split is not None:
             self.ids, self.rejects = read_split_ids(fs.join(split_dir, f"{split}.txt"))
@@ -67,10 +82,17 @@ class VOCDataset(Dataset):
                             seen.add(i)
                             self.ids.append(i)
             else:
-                self.ids = sorted(set(_stems(_list(fs.join(self.root, "JPEGImages")), ".jpg")))
+                self.ids = sorted(self._images)
 
     def _image_uri(self, item_id: str) -> str:
-        return fs.join(self.root, "JPEGImages", f"{item_id}.jpg")
+        return fs.join(self.root, "JPEGImages", self._images.get(item_id, f"{item_id}.jpg"))
+
+    def image_bytes(self, item_id: str) -> bytes:
+        validate_id(item_id)
+        if item_id not in self._images:
+            raise BadItem(f"id {item_id}: image file missing: {fs.join(self.root, 'JPEGImages', item_id)}.jpg "
+                          f"(nor .jpeg, .png, ...)")
+        return super().image_bytes(item_id)
 
     def _mask_uri(self, item_id: str) -> str | None:
         if item_id in self._seg:
@@ -89,3 +111,8 @@ class VOCDataset(Dataset):
 
 def _stems(names: list[str], ext: str) -> list[str]:
     return [n[: -len(ext)] for n in names if n.endswith(ext)]
+
+
+def _ext_rank(name: str) -> int:
+    ext = "." + name.rpartition(".")[2].lower()
+    return IMAGE_EXTS.index(ext) if ext in IMAGE_EXTS else len(IMAGE_EXTS)
