@@ -145,10 +145,13 @@ def run_demo(out: str, quick: bool = False, address: str | None = None, storage:
 def _download(uri: str, local: Path) -> None:
     from wsss.data import fs
 
+    from wsss.data.layout import label_dir
+
     local.mkdir(parents=True, exist_ok=True)
-    for name in fs.listdir(uri):
+    labels = label_dir(uri)  # <uri>/_labels of a pseudo-label output prefix
+    for name in fs.listdir(labels):
         if name.endswith(".png"):
-            (local / name).write_bytes(fs.read_bytes(fs.join(uri, name)))
+            (local / name).write_bytes(fs.read_bytes(fs.join(labels, name)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -128,7 +128,9 @@ def write_report(out_html: str, data_root: str, split: str | None = None, pred_d
     from wsss.data.io import BadItem, decode_mask
 
     out_html = str(out_html)
-    pred_dirs = dict(pred_dirs or {})
+    from wsss.data.layout import label_dir
+
+    pred_dirs = {k: label_dir(v) for k, v in (pred_dirs or {}).items()}  # <out>/_labels of a pseudo-label output
     ds = open_dataset(data_root, split)
     base = out_html.rsplit("/", 1)[0] if fs.is_remote(out_html) else None
     stem = posixpath.basename(out_html) if fs.is_remote(out_html) else out_html.replace("\\", "/").rsplit("/", 1)[-1]
