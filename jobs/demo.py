@@ -25,8 +25,8 @@ log = common.setup_logging()
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {  # (images, px, train steps, tune samples, tune steps, affinity steps, rw logt)
-    "quick": dict(images=160, size=64, steps=120, tune_samples=2, tune_steps=10, aff_steps=40),
-    "full": dict(images=600, size=64, steps=1000, tune_samples=4, tune_steps=40, aff_steps=200),
+    "quick": dict(images=160, size=64, steps=120, tune_samples=2, tune_steps=10, aff_steps=40, seg_steps=60),
+    "full": dict(images=600, size=64, steps=1000, tune_samples=4, tune_steps=40, aff_steps=200, seg_steps=400),
 }
 
 
@@ -126,8 +126,12 @@ def run_demo(out: str, quick: bool = False, address: str | None = None, storage:
             _download(dst, local)
             preds[label] = str(local)
         t = _stage("pseudolabel (Ray Data) + evaluate", t, timings)
+        t = _seg_stage(ckpt, aff, shards, storage, data, out_dir, p, seed, thr_ov, results, preds, throughput,
+                       timings, t)
+        stage_miou = [{"stage": k, "val mIoU %": round(100 * v["miou"], 2)} for k, v in results.items()]
         html = write_report(str(out_dir / "report.html"), str(data), split="val", pred_dirs=preds,
-                            results=results, throughput=throughput, max_images=12, title="wsss demo report")
+                            results=results, throughput=throughput, max_images=12, title="wsss demo report",
+                            stage_miou=stage_miou)
         _stage("report", t, timings)
         summary = {"report": html, "checkpoint": ckpt, "affinity": aff, "best_config": str(best_yaml),
                    "miou": {k: v["miou"] for k, v in results.items()}, "timings": timings,
@@ -140,6 +144,39 @@ def run_demo(out: str, quick: bool = False, address: str | None = None, storage:
         finally:
             if stack is not None and not keep_stack:
                 stack[0].down(state_dir=stack[1])
+
+
+def _seg_stage(ckpt, aff, shards, storage, data, out_dir, p, seed, thr_ov, results, preds, throughput, timings, t):
+    """Pseudo labels of the train split (+RW+CRF, Ray Data) -> the segmentation network on them (Ray Train, 2
+    workers x batch 5 = the config's batch 10) -> its val predictions (Ray Data) -> mIoU, single scale and
+    multi-scale + flip + CRF."""
+    from jobs.evaluate import run_evaluate
+    from jobs.predict_seg import run_predict_seg
+    from jobs.pseudolabel import run_pseudolabel
+    from jobs.train_seg import run_train_seg
+    from wsss.seg.config import load_seg_config
+
+    labels = f"{storage}/pseudo/train-cam-rw-crf"
+    run_pseudolabel(ckpt, f"{shards}/train", labels, affinity=aff, stages=("cam", "rw", "crf"), progress=False,
+                    verbose=False, cfg_overrides=thr_ov)
+    t = _stage("pseudolabel the train split (Ray Data)", t, timings)
+    seg_cfg = load_seg_config(ROOT / "configs/synth_seg.yaml",
+                              [f"data.root={data}", f"seed={seed}", f"optim.max_steps={p['seg_steps']}",
+                               "optim.batch_size=5"])
+    sr = run_train_seg(seg_cfg, f"{shards}/train", f"{storage}/seg-runs", "seg", labels=labels, num_workers=2,
+                       val_uri=f"{shards}/val", max_failures=1)
+    print(f"[demo] seg net (Ray Train): {sr['metrics']}; {len(sr['rejects'])} labels rejected", flush=True)
+    t = _stage("train the segmentation net on the pseudo labels (Ray Train, 2 workers)", t, timings)
+    for label, kw in (("seg net", {}), ("seg net +MS+CRF", {"multi_scale": True, "crf": True})):
+        dst = f"{storage}/seg-pred/{'ms-crf' if kw else 'ss'}"
+        pr = run_predict_seg(sr["final"], f"{shards}/val", dst, **kw)
+        for row in pr.get("stage_stats", []):
+            throughput.append({"run": label, **row})
+        results[label] = run_evaluate(dst, f"{shards}/val")
+        local = out_dir / "seg-pred" / ("ms-crf" if kw else "ss")
+        _download(dst, local)
+        preds[label] = str(local)
+    return _stage("segmentation predictions (Ray Data) + evaluate", t, timings)
 
 
 def _download(uri: str, local: Path) -> None:

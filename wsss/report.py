@@ -116,12 +116,14 @@ def _load_cam_max(uri: str, hw: tuple[int, int]) -> np.ndarray:
 
 def write_report(out_html: str, data_root: str, split: str | None = None, pred_dirs: dict[str, str] | None = None,
                  cams_dir: str | None = None, results: dict[str, dict] | None = None,
-                 throughput: list[dict] | None = None, max_images: int = 16, title: str = "wsss report") -> str:
+                 throughput: list[dict] | None = None, max_images: int = 16, title: str = "wsss report",
+                 stage_miou: list[dict] | None = None) -> str:
     """Write the report page ``out_html`` (and its ``<name>_files/`` images). Returns ``out_html``.
 
     ``results``: {column name: result dict with "per_class"/"miou"} (e.g. {"CAM": ..., "+RW": ..., "+CRF": ...});
     ``pred_dirs``: {stage name: folder of ``<id>.png`` label maps}; ``cams_dir``: folder of ``<id>.npz`` CAMs;
-    ``throughput``: list of per-stage dicts (e.g. {"stage": "rw", "images/s": 12.3}).
+    ``throughput``: list of per-stage dicts (e.g. {"stage": "rw", "images/s": 12.3}); ``stage_miou``: rows of the
+    per-stage mIoU table shown first (e.g. {"stage": "CAM", "val mIoU %": 28.8}, ..., {"stage": "seg net", ...}).
     A missing or unreadable file leaves its grid cell with a short note instead of failing the page.
     """
     from wsss.data import open_dataset
@@ -152,6 +154,9 @@ def write_report(out_html: str, data_root: str, split: str | None = None, pred_d
              f"<style>{_CSS}</style></head><body>", f"<h1>{_esc(title)}</h1>",
              f"<p class='meta'>dataset {_esc(ds.root)} &middot; split {_esc(ds.split or 'all')} &middot; "
              f"{len(ds)} images &middot; {ds.num_classes} classes</p>"]
+    if stage_miou:
+        parts.append("<h2>mIoU per stage</h2>")
+        parts.append(throughput_table_html(list(stage_miou)))
     if results:
         parts.append("<h2>Per-class IoU (%)</h2>")
         parts.append(results_table_html(results))
