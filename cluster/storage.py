@@ -4,7 +4,8 @@
 - ``storage_for_ray(uri)`` -> ``(storage_path, storage_filesystem | None)`` for Ray Train/Tune ``RunConfig``.
 - ``s3_env_vars()`` -> env vars to put in a Ray ``runtime_env`` so every worker reaches the same S3 endpoint.
 - ``redact(text)`` removes secrets before anything is logged.
-- ``read_shards_ray(uri)`` -> ``ray.data.Dataset`` over the Parquet shards written by ``wsss.data.shards``.
+- ``read_shards_ray(uri)`` -> ``ray.data.Dataset`` over the Parquet shards written by ``wsss.data.shards``
+  (``ray.data.read_parquet`` over the manifest's files; see ``cluster.ingest``).
 
 Settings come from the environment, like ``wsss.data.fs`` (the fsspec side, used by ``wsss/``):
 ``WSSS_S3_ENDPOINT`` (or ``AWS_ENDPOINT_URL``) for S3-compatible stores (moto, MinIO); region from
@@ -179,42 +180,17 @@ def redact(text, secrets: Iterable[str] = ()) -> str:
 
 # --- Ray Data reader ---------------------------------------------------------------------------------------------
 
-class _ReadShardFiles:
-    """map_batches function: a batch of shard paths -> the rows of those Parquet files (pyarrow table)."""
-
-    def __init__(self, filesystem, columns):
-        self.filesystem = filesystem
-        self.columns = list(columns) if columns else None
-
-    def __call__(self, batch):
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        tables = [pq.read_table(p, filesystem=self.filesystem, columns=self.columns)
-                  for p in batch["path"].to_pylist()]
-        return pa.concat_tables(tables)
-
-
-def read_shards_ray(uri: str, columns: list[str] | None = None, **map_kwargs):
-    """A ``ray.data.Dataset`` over the shard files listed in ``<uri>/manifest.json`` (written by
+def read_shards_ray(uri: str, columns: list[str] | None = None, **read_kwargs):
+    """A ``ray.data.Dataset`` over the shard files listed in the manifest of ``uri`` (written by
     ``wsss.data.shards.write_shards``); rows: id, image, labels, mask, width, height (or ``columns``). Only the
-    manifest's shards are read (never rejects.parquet or stale files), one read task per shard file.
+    manifest's shards are read (never the side files or stale files).
 
-    Not ``ray.data.read_parquet``: in Ray 2.60 its ListFiles/ReadFilesParquetV2 plan costs 5-15 s of fixed
-    overhead per read on a small local cluster (measured: 3 tiny files, 11 s vs 0.1 s for this reader).
-    ``map_kwargs`` go to ``map_batches`` (e.g. ``num_cpus``). The pyarrow filesystem travels to the workers
-    pickled without credentials; they find credentials through the AWS chain in their own environment (give
-    them ``s3_env_vars()`` in the runtime_env, or an instance profile).
+    ``ray.data.read_parquet`` through ``cluster.ingest.read_shards`` (its default reader: the ParquetDatasource V1
+    path, the fastest of the readers bench/bench_ingest.py timed, locally and on S3). ``read_kwargs`` go there
+    (``reader=``, ``shuffle_seed=``, or read_parquet arguments such as ``num_cpus``). The pyarrow filesystem travels
+    to the workers pickled without credentials; they find credentials through the AWS chain in their own
+    environment (give them ``s3_env_vars()`` in the runtime_env, or an instance profile).
     """
-    import ray.data
+    from cluster.ingest import read_shards
 
-    from wsss.data import shards
-
-    files = shards.shard_files(uri)
-    if not files:
-        raise ValueError(f"no shards listed in {wfs.join(uri, 'manifest.json')}")
-    fs, _ = pyarrow_fs(uri)
-    paths = [pyarrow_fs(f)[1] for f in files]
-    items = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=len(paths))
-    map_kwargs.setdefault("batch_size", 1)
-    return items.map_batches(_ReadShardFiles(fs, columns), batch_format="pyarrow", **map_kwargs)
+    return read_shards(uri, columns=columns, **read_kwargs)

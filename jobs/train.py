@@ -1,10 +1,15 @@
 """Distributed CAM training on Ray Train (V2): ``python -m jobs.train --config CFG --data SHARDS --storage URI --name RUN``.
 
 One ``TorchTrainer`` runs the foundation's training step (``wsss.train.Objective`` + ``train_step``) with DDP across
-``--num-workers`` workers (gloo on CPU, NCCL on GPU). Input: the Parquet shards of ``jobs/shard.py`` through Ray
-Data (``datasets={"train": ...}`` -> ``ray.train.get_dataset_shard("train").iter_batches``); each worker decodes
-the image bytes and applies ``wsss.data.transforms.TrainTransform`` itself (the same code as the single-process
-loop). Every epoch every worker calls ``ray.train.report`` (a barrier); rank 0 attaches a checkpoint folder in the
+``--num-workers`` workers (gloo on CPU, NCCL on GPU). Input (``cluster.ingest.train_dataset``): the Parquet shards
+of ``jobs/shard.py`` read with ``ray.data.read_parquet`` (files shuffled per epoch by a ``FileShuffleConfig`` seeded
+with ``cfg.seed``), decoded and augmented with ``wsss.data.transforms.TrainTransform`` (the single-process loop's
+code) in ``map_batches`` tasks on CPU workers, split across the ranks by Ray Train (``datasets={"train": ...}``,
+order preserved) and iterated with ``get_dataset_shard("train").iter_torch_batches(prefetch_batches=...)``. A
+seeded run gives every rank the same batches each time (the augmentation seed of a row comes from cfg.seed, its id
+and a per-epoch ``ray.data.expressions.random`` draw). Images that do not decode are skipped and reported
+(``n_rejects`` in the metrics, ``rejects`` in the checkpoint's metrics.json, gathered from every rank).
+``--ingest worker`` keeps the earlier path (every worker decodes and augments its own raw rows). Every epoch every worker calls ``ray.train.report`` (a barrier); rank 0 attaches a checkpoint folder in the
 foundation's format (model.pt of the unwrapped network, config.yaml, meta.json, metrics.json) plus
 ``train_state.pt`` (optimizer state, epoch, step, metric history) for resumption.
 
@@ -52,6 +57,9 @@ DEFAULT_VAL_IMAGES = 8
 DEFAULT_WARMUP_STEPS = 2
 DEFAULT_CHECKPOINT_EVERY = 100  # CLI default: steps between mid-epoch checkpoints (VOC, 8 workers: ~165 steps/epoch)
 DEFAULT_PREEMPTION_CHECK_EVERY = 10
+INGESTS = ("data", "worker")  # decode + augmentation in Ray Data map_batches tasks | on the training worker
+DEFAULT_INGEST = "data"
+DEFAULT_PREFETCH_BATCHES = 2
 
 
 # ---- validation subset (rank 0) -------------------------------------------------------------------------
@@ -134,6 +142,17 @@ def _all_reduce(values: list[float], device, op: str = "sum") -> list[float]:
     return [float(v) for v in t.cpu()]
 
 
+def _gather_rejects(rejects: list) -> list:
+    """Every rank's (id, reason) rejects, deduplicated, in rank order (a collective: all ranks call it)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(dict.fromkeys(rejects))
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, list(rejects))
+    return list(dict.fromkeys(tuple(r) for part in out for r in part or []))
+
+
 def _load_resume_state(checkpoint, net, map_location="cpu") -> dict | None:
     """Load model weights from a Ray checkpoint into ``net``; return the train_state dict (or None)."""
     import torch
@@ -205,7 +224,14 @@ def train_loop_per_worker(config: dict) -> None:
             val = None
 
     shard = ray.train.get_dataset_shard("train")
-    transform = TrainTransform(cfg.data, seed=cfg.seed)
+    ingest = config.get("ingest") or DEFAULT_INGEST
+    prefetch = int(config.get("prefetch_batches", DEFAULT_PREFETCH_BATCHES))
+    transform = TrainTransform(cfg.data, seed=cfg.seed) if ingest == "worker" else None
+    collate = None
+    if ingest != "worker":
+        from cluster.ingest import TrainCollate, take_good
+
+        collate = TrainCollate()
     rejects: list[tuple[str, str]] = []
     warmup = int(config.get("warmup_steps", DEFAULT_WARMUP_STEPS))
     ckpt_every = int(config.get("checkpoint_every") or 0)
@@ -213,6 +239,7 @@ def train_loop_per_worker(config: dict) -> None:
     preempt_every = int(config.get("preemption_check_every") or 0) if hasattr(ray.train, "get_preemption_info") else 0
     on_step, on_epoch = hooks.get("on_step"), hooks.get("on_epoch")  # test seams: callables, never set by the CLI
     saved_for_preemption = False
+    all_rejects: list[tuple[str, str]] = []  # every rank's rejects, gathered at epoch ends
     attempt_steps = 0
     last_batch = None
     lr = set_lr(optimizer, cfg, step, total)
@@ -232,7 +259,7 @@ def train_loop_per_worker(config: dict) -> None:
                      "history": history, "objective_rng": objective.rng.getstate()}
             out_metrics = dict(metrics)
             out_metrics["history"] = history
-            out_metrics["rejects"] = rejects[:100]
+            out_metrics["rejects"] = [list(r) for r in (all_rejects or rejects)[:100]]
             save_checkpoint(d, net, cfg, meta=meta, metrics=out_metrics, extra=extra)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
 
@@ -249,15 +276,24 @@ def train_loop_per_worker(config: dict) -> None:
         t_prev = t0
         shuffle = int(config.get("shuffle_buffer", -1))
         shuffle = max(2 * bs, 16) if shuffle < 0 else shuffle
-        for raw in shard.iter_batches(batch_size=bs, batch_format="numpy", drop_last=True,
-                                      local_shuffle_buffer_size=shuffle or None,
-                                      local_shuffle_seed=(cfg.seed * 1000 + epoch * 10 + rank) if shuffle else None):
+        shuffle_kw = {"local_shuffle_buffer_size": shuffle or None,
+                      "local_shuffle_seed": (cfg.seed * 1000 + epoch * 10 + rank) if shuffle else None}
+        if ingest == "worker":  # decode + augmentation here, on the training worker
+            batches = shard.iter_batches(batch_size=bs, batch_format="numpy", drop_last=True,
+                                         prefetch_batches=prefetch, **shuffle_kw)
+        else:  # decoded and augmented by Ray Data's map_batches tasks; prefetched in a background thread
+            batches = shard.iter_torch_batches(batch_size=bs, drop_last=True, prefetch_batches=prefetch,
+                                               collate_fn=collate, **shuffle_kw)
+        for raw in batches:
             if step >= total:
                 break
             if skip > 0:
                 skip -= 1
                 continue
-            batch = decode_batch(raw, transform, rng, rejects)
+            if ingest == "worker":
+                batch = decode_batch(raw, transform, rng, rejects)
+            else:
+                batch = take_good(raw, rejects)
             if batch is None:  # every item bad: keep the workers in step with the last good batch
                 if last_batch is None:
                     raise ValueError(f"shards {config.get('shards_uri')}: a whole batch failed to decode "
@@ -278,7 +314,7 @@ def train_loop_per_worker(config: dict) -> None:
                 steady_samples += len(batch["id"])
             t_prev = now
             if on_step is not None:
-                on_step({"rank": rank, "step": step, "epoch": epoch, "resumed": resumed})
+                on_step({"rank": rank, "step": step, "epoch": epoch, "resumed": resumed, "ids": list(batch["id"])})
             # Just-in-time checkpoint when a node of this run is about to be preempted (a barrier: every rank
             # checks at the same steps), then keep training until Ray Train restarts the group.
             jit = False
@@ -291,6 +327,8 @@ def train_loop_per_worker(config: dict) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
+        rejects[:] = list(dict.fromkeys(rejects))  # a bad image comes back every epoch: keep it once
+        all_rejects = _gather_rejects(rejects)
         keys = sorted(sums)
         red = _all_reduce([sums[k] for k in keys] + [n_steps, n_samples, steady_samples], device, "sum")
         mx = _all_reduce([dt, steady_t], device, "max")
@@ -301,7 +339,8 @@ def train_loop_per_worker(config: dict) -> None:
             epoch=epoch + 1, step=step, lr=lr, world_size=world,
             samples_per_s=g_samples / max(mx[0], 1e-9),
             steady_samples_per_s=(g_steady / mx[1]) if mx[1] > 0 else None,
-            epoch_seconds=mx[0], start_epoch=start_epoch, resumed=resumed, n_rejects=len(rejects))
+            epoch_seconds=mx[0], start_epoch=start_epoch, resumed=resumed, n_rejects=len(all_rejects),
+            ingest=ingest)
         if "loss" in metrics:
             metrics["neg_loss"] = -metrics["loss"]
         if val is not None:
@@ -374,7 +413,9 @@ def build_trainer(cfg, shards_uri: str, storage_uri: str, name: str, num_workers
                   warmup_steps: int = DEFAULT_WARMUP_STEPS, callbacks: list | None = None,
                   hooks: dict | None = None, num_to_keep: int = 2, shuffle_buffer: int = -1,
                   ddp_kwargs: dict | None = None, checkpoint_every: int = 0,
-                  preemption_check_every: int = DEFAULT_PREEMPTION_CHECK_EVERY):
+                  preemption_check_every: int = DEFAULT_PREEMPTION_CHECK_EVERY, ingest: str = DEFAULT_INGEST,
+                  reader: str = "auto", prefetch_batches: int = DEFAULT_PREFETCH_BATCHES,
+                  decode_cpus: float = 1.0, decode_batch_size: int = 16):
     """The ``TorchTrainer`` of a run (not started). Returns (trainer, plan dict).
 
     ``checkpoint_every``: also checkpoint every N global steps inside an epoch (0: at epoch ends only); a restart
@@ -383,11 +424,18 @@ def build_trainer(cfg, shards_uri: str, storage_uri: str, name: str, num_workers
     ``hooks``: callables ``on_step(info)`` / ``on_epoch(info)`` (info: rank, step, epoch, resumed) run on every
     worker; a seam for tests (fault injection), never set by the CLI. ``shuffle_buffer`` is Ray Data's local
     shuffle buffer in rows (-1: max(2 x batch, 16), 0: off); ``ddp_kwargs`` go to DistributedDataParallel
-    (e.g. ``{"find_unused_parameters": True}``)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    (e.g. ``{"find_unused_parameters": True}``).
+
+    Input (``ingest``): ``"data"`` (default) reads the shards with ``cluster.ingest.train_dataset`` (files shuffled
+    per epoch with a seeded ``FileShuffleConfig``, decode + ``TrainTransform`` in ``map_batches`` tasks of
+    ``decode_cpus`` CPUs each, ``decode_batch_size`` rows per task batch) and the workers iterate
+    ``iter_torch_batches(prefetch_batches=...)``; order is preserved (``cluster.ingest.ingest_options``) so a seeded
+    run gives every rank the same batches. ``"worker"``: the raw rows are split and every worker decodes and
+    augments them itself (the earlier path; kept for comparison). ``reader``: see ``cluster.ingest.READERS``."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from cluster.storage import read_shards_ray
+    from cluster.ingest import ingest_options, read_shards, train_dataset
     from wsss.data import shards
 
     manifest = shards.read_manifest(shards_uri)
@@ -397,7 +445,15 @@ def build_trainer(cfg, shards_uri: str, storage_uri: str, name: str, num_workers
     if per_epoch < 1:
         raise ValueError(f"shards {shards_uri}: {n_images} images are too few for {num_workers} worker(s) x "
                          f"batch {cfg.optim.batch_size} (lower optim.batch_size or --num-workers)")
-    ds = read_shards_ray(shards_uri, columns=["id", "image", "labels"])
+    if ingest not in INGESTS:
+        raise ValueError(f"unknown ingest {ingest!r} (choose from {', '.join(INGESTS)})")
+    if ingest == "data":
+        ds = train_dataset(shards_uri, cfg.data, seed=cfg.seed, reader=reader, decode_batch_size=decode_batch_size,
+                           decode_num_cpus=decode_cpus)
+        data_config = DataConfig(execution_options={"train": ingest_options()})
+    else:
+        ds = read_shards(shards_uri, columns=["id", "image", "labels"], reader=reader, shuffle_seed=cfg.seed)
+        data_config = DataConfig()
     storage_path, storage_fs = common.storage_for_ray(storage_uri)
     resources = {"CPU": float(cpus_per_worker)} if cpus_per_worker else {}
     config = {
@@ -406,7 +462,8 @@ def build_trainer(cfg, shards_uri: str, storage_uri: str, name: str, num_workers
         "torch_threads": max(1, int(cpus_per_worker)) if not use_gpu else 0, "run_name": name,
         "shards_uri": shards_uri, "hooks": dict(hooks or {}), "shuffle_buffer": int(shuffle_buffer),
         "ddp_kwargs": dict(ddp_kwargs or {}), "checkpoint_every": int(checkpoint_every),
-        "preemption_check_every": int(preemption_check_every),
+        "preemption_check_every": int(preemption_check_every), "ingest": ingest,
+        "prefetch_batches": int(prefetch_batches),
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -422,9 +479,10 @@ def build_trainer(cfg, shards_uri: str, storage_uri: str, name: str, num_workers
             callbacks=list(callbacks or []),
         ),
         datasets={"train": ds},
+        dataset_config=data_config,
     )
     plan = {"n_images": n_images, "class_names": class_names, "steps_per_epoch": per_epoch, "total_steps": total,
-            "num_workers": int(num_workers)}
+            "num_workers": int(num_workers), "ingest": ingest}
     return trainer, plan
 
 
@@ -480,6 +538,13 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{DEFAULT_CHECKPOINT_EVERY}); a restarted worker group repeats at most N steps")
     p.add_argument("--preemption-check-every", type=int, default=DEFAULT_PREEMPTION_CHECK_EVERY,
                    help="steps between ray.train.get_preemption_info() checks (just-in-time checkpoint; 0: off)")
+    p.add_argument("--ingest", choices=INGESTS, default=DEFAULT_INGEST,
+                   help="data: decode + augmentation in Ray Data map_batches tasks (default); worker: on each "
+                        "training worker")
+    p.add_argument("--reader", default="auto", help="shard reader: auto (= parquet), parquet, parquet-v1, items")
+    p.add_argument("--prefetch-batches", type=int, default=DEFAULT_PREFETCH_BATCHES,
+                   help="batches each worker fetches ahead (iter_torch_batches)")
+    p.add_argument("--decode-cpus", type=float, default=1.0, help="CPUs per decode/augment task (--ingest data)")
     p.add_argument("--no-export", action="store_true", help="do not write <storage>/<name>/final/")
     common.add_cluster_args(p)
     return p
@@ -505,7 +570,9 @@ def main(argv: list[str] | None = None) -> int:
                            max_failures=args.max_failures, val_uri=args.val, export=not args.no_export,
                            val_max_images=args.val_images, dist_timeout_s=args.dist_timeout,
                            checkpoint_every=args.checkpoint_every,
-                           preemption_check_every=args.preemption_check_every)
+                           preemption_check_every=args.preemption_check_every, ingest=args.ingest,
+                           reader=args.reader, prefetch_batches=args.prefetch_batches,
+                           decode_cpus=args.decode_cpus)
         if requested:
             cres.release_request()
     except (FileNotFoundError, ValueError, ConfigError) as e:

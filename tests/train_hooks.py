@@ -43,3 +43,16 @@ def record_steps(log_dir: str, kill_rank: int, kill_after_step: int, step_sleep:
             time.sleep(120)  # killed here by the test
 
     return on_step
+
+
+def record_batches(log_dir: str):
+    """``on_step``: every rank appends ``epoch step id,id,...`` (the ids of the batch it trained on) to
+    ``<log_dir>/rank<r>.batches``."""
+
+    def on_step(info: dict) -> None:
+        import os
+
+        with open(os.path.join(log_dir, f"rank{info['rank']}.batches"), "a") as f:
+            f.write(f"{info['epoch']} {info['step']} {','.join(info['ids'])}\n")
+
+    return on_step
