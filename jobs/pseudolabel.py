@@ -254,7 +254,9 @@ def _set_threads(threads: int | None) -> None:
 
 
 class CamInference:
-    """Actor: CAM inference with ``wsss.pseudolabel.CamStage`` (multi-scale + flip, PCM; cfg.infer)."""
+    """Actor: CAM inference with ``wsss.pseudolabel.CamStage`` (multi-scale + flip, PCM; cfg.infer), batched: the
+    rows of one ``map_batches`` call go through the network together, one forward per scale with both flips
+    stacked (``CamStage.batch``; ``sec_cam`` is the batch's CAM time per image)."""
 
     def __init__(self, checkpoint: str, cfg_overrides: list[str], device: str, threads: int | None,
                  final: dict | None, bg_threshold: float):
@@ -274,14 +276,24 @@ class CamInference:
         sec_cam = np.asarray(batch["sec_cam"], np.float64).copy()
         cams, keys_out = [b""] * n, [b""] * n
         labels_final: dict[int, np.ndarray] = {}
+        # decode the batch's good rows, then one batched CAM forward per scale (CamStage.batch)
+        rows, images, labs = [], [], []
         for k in range(n):
             if status[k] != "ok":
                 continue
             try:
-                image = decode_image(bytes(batch["image"][k]), f"{batch['id'][k]} image")
-                t0 = time.perf_counter()
-                cam, keys = self.stage(image, np.array(batch["labels"][k], np.float32))
-                sec_cam[k] = time.perf_counter() - t0
+                images.append(decode_image(bytes(batch["image"][k]), f"{batch['id'][k]} image"))
+                labs.append(np.array(batch["labels"][k], np.float32))
+                rows.append(k)
+            except Exception as e:  # noqa: BLE001 - reject the item, keep the batch
+                status[k], reason[k] = "rejected", _one_line(e, "cam: ")
+        outs = self._cams(images, labs)
+        for k, (res, sec) in zip(rows, outs):
+            try:
+                if isinstance(res, BaseException):
+                    raise res
+                cam, keys = res
+                sec_cam[k] = sec
                 cams[k] = _pack(cam, np.float16)
                 keys_out[k] = _pack(keys, np.int16)
                 if self.writer is not None:
@@ -295,6 +307,12 @@ class CamInference:
         if self.writer is not None:
             return self.writer.write(out, labels_final)
         return out
+
+    def _cams(self, images: list, labels: list) -> list[tuple]:
+        """[((cam, keys) or the exception, seconds per image)]: batched; one image at a time if the batch fails."""
+        from wsss.pseudolabel import cam_chunk
+
+        return cam_chunk(self.stage, [{"image": im, "labels": lab} for im, lab in zip(images, labels)])
 
 
 class RandomWalk:
@@ -439,6 +457,8 @@ def _latest_by_id(rows: Iterable[dict]) -> dict[str, dict]:
 def done_ids(out_uri: str, retry_rejected: bool = True) -> tuple[set[str], set[str]]:
     """(ids done, ids rejected before). Done = an ``ok`` results row and the PNG present (or a previous reject
     when ``retry_rejected`` is False)."""
+    from wsss.data import fs
+
     pngs = {n[:-4] for n in _list(fs.join(out_uri, _layout.LABELS_DIR)) if n.endswith(".png")}
     rows, _ = _result_rows(out_uri)
     latest = _latest_by_id(rows)

@@ -266,7 +266,7 @@ def _one_line(e: BaseException) -> str:
 
 # ---- the local sequential loop ---------------------------------------------------------------------------
 
-def _cam_chunk(cam_stage: "CamStage", items: list[dict]) -> list[tuple]:
+def cam_chunk(cam_stage: "CamStage", items: list[dict]) -> list[tuple]:
     """CAMs of a chunk of loaded items: [((cam, keys) or the exception, seconds per image)], batched when the
     chunk has several images; if the batch fails, each image is tried alone so one bad item cannot sink the rest."""
     if len(items) > 1:
@@ -375,7 +375,7 @@ def pseudolabel(cfg: Config | None, checkpoint: str, data_root: str, out: str, a
             except Exception as e:  # noqa: BLE001 - batch: reject this item, keep the rest
                 rejects[item_id] = {"id": item_id, "reason": _one_line(e)}
                 results.pop(item_id, None)
-        cams = _cam_chunk(cam_stage, items) if items else []
+        cams = cam_chunk(cam_stage, items) if items else []
         for item, (cam_out, sec_cam) in zip(items, cams):
             item_id, image = item["id"], item["image"]
             row = {"id": item_id, "classes": None, "sec_cam": sec_cam, "sec_rw": None, "sec_crf": None,
@@ -432,4 +432,4 @@ def pseudolabel(cfg: Config | None, checkpoint: str, data_root: str, out: str, a
 
 
 __all__ = ["CamStage", "RandomWalkStage", "load_affinity_model", "checkpoint_config", "cam_scores", "crf_stage",
-           "labels_from_scores", "check_stages", "pseudolabel", "STAGES"]
+           "labels_from_scores", "check_stages", "pseudolabel", "cam_chunk", "STAGES"]
