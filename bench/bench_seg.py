@@ -2,7 +2,7 @@
 throughput of the plain loop vs Ray Train: ``python -m bench.bench_seg [--work DIR] [--seeds N] ...``.
 
 Chain (one work folder, each step skipped when its output is there): synthetic set -> plain-CAM network
-(configs/synth_daen.yaml, method cam) -> its best CAM threshold on val -> pseudo labels of the train and val splits
+(configs/synth_daen_tiny.yaml, method cam) -> its best CAM threshold on val -> pseudo labels of the train and val splits
 (``--stages``, default cam,crf: no AffinityNet in this benchmark's budget) -> the segmentation net of
 configs/synth_seg.yaml trained on the train pseudo labels and, with the same steps and seed, on the train masks ->
 val mIoU single scale, multi-scale + flip, and each + CRF. Then images/s of ``wsss.seg.train.train_seg`` vs
@@ -35,7 +35,7 @@ def _pseudo_labels(work: Path, data: Path, cam_steps: int, stages: tuple[str, ..
     info_f = work / "pseudo.json"
     if info_f.exists():
         return json.loads(info_f.read_text())
-    cfg = config.load(ROOT / "configs/synth_daen.yaml",
+    cfg = config.load(ROOT / "configs/synth_daen_tiny.yaml",
                       [f"data.root={data}", "method.name=cam", "model.attention=none", "optim.epochs=1000",
                        f"optim.max_steps={cam_steps}", f"seed={seed}"])
     res = train(cfg, str(ckpt), progress=False, eval_max_images=120)

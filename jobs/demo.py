@@ -84,7 +84,7 @@ def run_demo(out: str, quick: bool = False, address: str | None = None, storage:
         t = _stage("shard to storage", t, timings)
 
         ov = [f"data.root={data}", f"seed={seed}", "optim.epochs=1000"]
-        cfg = config.load(ROOT / "configs/synth_daen.yaml",
+        cfg = config.load(ROOT / "configs/synth_daen_tiny.yaml",
                           ov + [f"optim.max_steps={p['steps']}", f"method.warmup_steps={p['steps'] // 2}"])
         tr = run_training(cfg, f"{shards}/train", f"{storage}/runs", "daen", num_workers=2,
                           val_uri=f"{shards}/val", max_failures=1)
@@ -92,7 +92,7 @@ def run_demo(out: str, quick: bool = False, address: str | None = None, storage:
         print(f"[demo] Ray Train: {tr['metrics']}", flush=True)
         t = _stage("train DAEN (Ray Train, 2 workers)", t, timings)
 
-        tune_cfg = config.load(ROOT / "configs/synth_daen.yaml",
+        tune_cfg = config.load(ROOT / "configs/synth_daen_tiny.yaml",
                                ov + [f"optim.max_steps={p['tune_steps']}", f"method.warmup_steps={p['tune_steps'] // 2}"])
         best_yaml = out_dir / "best_config.yaml"
         ts = run_search(tune_cfg, f"{shards}/train", f"{storage}/tune", "demo-search", p["tune_samples"],
@@ -107,7 +107,7 @@ def run_demo(out: str, quick: bool = False, address: str | None = None, storage:
         print(f"[demo] CAM threshold for CAM labels, affinity labels and the walk: {thr:.2f}", flush=True)
         cams = out_dir / "cams-train"
         infer_cams(ckpt, str(data), str(cams), split="train", progress=False)
-        aff_cfg = config.load(ROOT / "configs/synth_daen.yaml",
+        aff_cfg = config.load(ROOT / "configs/synth_daen_tiny.yaml",
                               ov + [f"optim.max_steps={p['steps']}", f"affinity.max_steps={p['aff_steps']}",
                                     "affinity.epochs=1000",
                                     f"affinity.crop={cfg.data.crop * cfg.affinity.upscale}"] + thr_ov)

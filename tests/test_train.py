@@ -12,7 +12,7 @@ from wsss.checkpoint import load_cam_model, load_checkpoint, save_checkpoint
 from wsss.data import open_dataset
 from wsss.train import build_model, evaluate_cams, train
 
-CFG = Path(__file__).resolve().parents[1] / "configs/synth_daen.yaml"
+CFG = Path(__file__).resolve().parents[1] / "configs/synth_daen_tiny.yaml"
 
 
 def _cfg(root, *ov):
