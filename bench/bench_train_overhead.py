@@ -1,6 +1,6 @@
 """Overhead of the Ray Train loop against the same loop in a plain process: ``python -m bench.bench_train_overhead``.
 
-Same data (synthetic set, sharded to Parquet), same model and config (configs/synth_daen.yaml: DAEN, tiny backbone
+Same data (synthetic set, sharded to Parquet), same model and config (configs/synth_daen_tiny.yaml: DAEN, tiny backbone
 width 32, crop 96, batch 8 -- the project's demo config), same per-worker batch
 size, same decode + TrainTransform + ``wsss.train.train_step`` code, one torch thread per process/worker. Three
 measurements in one run:
@@ -8,7 +8,10 @@ measurements in one run:
 - plain: one process iterating the shard rows in memory (no Ray);
 - Ray Train, 1 worker: ``jobs.train.run_training`` (TorchTrainer, Ray Data ``get_dataset_shard`` input,
   per-epoch ``ray.train.report`` with a checkpoint on local storage);
-- Ray Train, 2 workers (DDP over gloo, each worker a half of the data).
+- Ray Train, 2 workers (DDP over gloo, each worker a half of the data);
+- with ``--ingests data,worker`` (default) both Ray Train input paths: ``data`` (jobs.train's default: read_parquet,
+  decode + augmentation in Ray Data ``map_batches`` tasks, ``iter_torch_batches`` with prefetch) and ``worker`` (the
+  earlier path: from_items reader, every training worker decodes and augments its own rows).
 
 Throughput is the steady state: the first ``--warmup`` steps of each run are left out, and start-up (Ray
 start, worker group, dataset planning) is excluded; the Ray figure is the loop's own ``steady_samples_per_s`` (all
@@ -29,11 +32,11 @@ from pathlib import Path
 import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train_overhead.md"
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "synth_daen.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "synth_daen_tiny.yaml"
 
 
 def bench_cfg(args):
-    """The project's synthetic-set config (configs/synth_daen.yaml: DAEN, tiny backbone width 32, crop 96,
+    """The project's synthetic-set config (configs/synth_daen_tiny.yaml: DAEN, tiny backbone width 32, crop 96,
     batch 8) as one epoch over the whole train split, on the CPU, plus ``--set`` overrides."""
     from wsss.config import load
 
@@ -86,16 +89,31 @@ def plain_loop(cfg, shards_uri: str, warmup: int) -> dict:
             "wall_s": end - t_start, "loop_samples_per_s": steps * bs / (end - t_loop)}
 
 
-def ray_loop(cfg, shards_uri: str, storage: str, workers: int, warmup: int, tag: str) -> dict:
+# Ray Train input paths: "data" = jobs.train's default (read_parquet, decode + augmentation in Ray Data map_batches
+# tasks, iter_torch_batches with prefetch); "worker" = the earlier path (hand-made from_items reader, every training
+# worker decodes and augments its own rows).
+INGEST_KW = {"data": {"ingest": "data"}, "worker": {"ingest": "worker", "reader": "items"}}
+
+
+def ray_loop(cfg, shards_uri: str, storage: str, workers: int, warmup: int, tag: str, ingest: str = "data") -> dict:
     from jobs.train import run_training
 
     t0 = time.perf_counter()
     res = run_training(cfg, shards_uri, storage, f"bench-{tag}", num_workers=workers, cpus_per_worker=1,
-                       max_failures=0, export=False, warmup_steps=warmup, dist_timeout_s=120)
+                       max_failures=0, export=False, warmup_steps=warmup, dist_timeout_s=120,
+                       **INGEST_KW[ingest])
     m = res["metrics"]
     return {"samples_per_s": m["steady_samples_per_s"], "steps": m["step"],
             "measured_steps": m["step"] - warmup, "wall_s": time.perf_counter() - t0,
             "loop_samples_per_s": m["samples_per_s"]}
+
+
+def _label(key: str) -> tuple[str, int]:
+    if key == "plain":
+        return "plain process", 1
+    workers, ingest = int(key[3]), key.partition("-")[2] or "data"
+    what = "Ray Data ingest (map_batches decode)" if ingest == "data" else "worker-side decode (before)"
+    return f"Ray Train{' (DDP, gloo)' if workers > 1 else ''}, {what}", workers
 
 
 def make_table(results: dict, args, n_images: int, cfg, runs: dict | None = None) -> str:
@@ -117,9 +135,11 @@ def make_table(results: dict, args, n_images: int, cfg, runs: dict | None = None
         "| loop | workers | steps (measured) | samples/s | ratio vs plain | scaling vs 1 worker | wall incl. start-up (s) |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for key, label, w in (("plain", "plain process", 1), ("ray1", "Ray Train", 1), ("ray2", "Ray Train (DDP, gloo)", 2)):
+    for key in results:
+        label, w = _label(key)
         r = results[key]
-        scaling = "" if key == "plain" else f"{r['samples_per_s'] / one:.2f}x"
+        base = results.get("ray1" + key[4:]) if key != "plain" else None
+        scaling = "" if base is None else f"{r['samples_per_s'] / base['samples_per_s']:.2f}x"
         lines.append(f"| {label} | {w} | {r['steps']} ({r['measured_steps']}) | {r['samples_per_s']:.1f} | "
                      f"{r['samples_per_s'] / plain:.2f} | {scaling} | {r['wall_s']:.1f} |")
     ratio = one / plain
@@ -127,7 +147,12 @@ def make_table(results: dict, args, n_images: int, cfg, runs: dict | None = None
                   f"{'met' if ratio >= 0.9 else 'NOT met'}). 2-worker scaling: "
                   f"**{results['ray2']['samples_per_s'] / one:.2f}x** over 1 worker "
                   f"(ideal 2x needs 2 free cores)."]
-    if len(med) == 3:
+    for w in (1, 2):
+        new, old = results.get(f"ray{w}"), results.get(f"ray{w}-worker")
+        if new and old:
+            lines += ["", f"Ray Data ingest / worker-side decode, {w} worker(s): "
+                          f"**{new['samples_per_s'] / old['samples_per_s']:.2f}x** (best runs)."]
+    if {"plain", "ray1", "ray2"} <= set(med):
         lines += ["", f"Medians: plain {med['plain']:.1f}, Ray 1 worker {med['ray1']:.1f} "
                       f"(ratio {med['ray1'] / med['plain']:.2f}), Ray 2 workers {med['ray2']:.1f} samples/s "
                       f"(scaling {med['ray2'] / med['ray1']:.2f}x). Every run (samples/s, in run order): "
@@ -145,8 +170,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--ingests", default="data,worker",
+                   help="Ray Train input paths to time: data (Ray Data map_batches decode, jobs.train's default), "
+                        "worker (each training worker decodes, the earlier path)")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
+    ingests = [i for i in args.ingests.split(",") if i]
+    if not ingests or "data" not in ingests or any(i not in INGEST_KW for i in ingests):
+        p.error(f"--ingests must include data, of {', '.join(INGEST_KW)}")
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -166,16 +197,17 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(address="local", num_cpus=8, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     best: dict[str, dict] = {}
-    runs: dict[str, list] = {"plain": [], "ray1": [], "ray2": []}
+    keys = ["plain"] + [f"ray{w}" + ("" if i == "data" else f"-{i}") for i in ingests for w in (1, 2)]
+    runs: dict[str, list] = {k: [] for k in keys}
     try:
         for rep in range(args.repeats):
-            order = ["plain", "ray1", "ray2"] if rep % 2 == 0 else ["ray2", "ray1", "plain"]
+            order = keys if rep % 2 == 0 else keys[::-1]
             for key in order:
                 if key == "plain":
                     r = plain_loop(cfg, shards_uri, args.warmup)
                 else:
-                    r = ray_loop(cfg, shards_uri, str(work / "storage"), 1 if key == "ray1" else 2, args.warmup,
-                                 f"{key}-{rep}")
+                    r = ray_loop(cfg, shards_uri, str(work / "storage"), int(key[3]), args.warmup,
+                                 f"{key}-{rep}", ingest=key.partition("-")[2] or "data")
                 print(f"[bench] {key} repeat {rep}: {r['samples_per_s']:.1f} samples/s "
                       f"({r['measured_steps']} steps measured, wall {r['wall_s']:.1f}s)", file=sys.stderr)
                 runs[key].append(r)
