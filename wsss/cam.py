@@ -197,7 +197,10 @@ def infer_cams(checkpoint: str, data_root: str, out: str, split: str | None = No
     fs.makedirs(out)
     if labels_png:
         fs.makedirs(fs.join(out, "labels"))
-    done = set(n[:-4] for n in fs.listdir(out) if n.endswith(".npz"))
+    try:
+        done = set(n[:-4] for n in fs.listdir(out) if n.endswith(".npz"))
+    except FileNotFoundError:  # a fresh s3:// prefix has no objects yet
+        done = set()
     rejects: list[tuple[str, str]] = [(str(i), str(r).splitlines()[0]) for i, r in ds.rejects]
     n_new = 0
     t0 = time.perf_counter()
