@@ -8,6 +8,12 @@ depend on the weights), then times:
 - the sequential loop with torch's default threads (the baseline) and with 1 torch thread (for reference);
 - the pipeline (all stages cam, rw, crf) with 1 and 2 CRF workers, and with 2 CAM actors + 2 CRF workers.
 
+Both paths run CAM inference batched (one forward per scale for a batch of same-size images with both flips
+stacked: ``CamInferencer.infer_batch``; the sequential loop in chunks of ``--cam-batch`` images, the CAM actors per
+``--batch-size`` batch). The row "CAM inference: batched vs per-pass" times that stage alone on the same images
+(the per-pass loop: one forward per scale per image); ``--cam-only`` runs just that row (no Ray), e.g.
+``python -m bench.bench_pipeline --cam-only --images 64 --size 192 [--device cuda]``.
+
 Pipeline times include the actors' start-up (process, imports, model load) and the final compaction; the
 sequential times include loading the models. Inference settings are the paper's (cfg defaults: 4 scales x flip,
 random walk t = 2^8, CRF 10 iterations) unless overridden with ``--set``. Output: a markdown table printed and
@@ -36,7 +42,7 @@ def _load() -> str:
         return "n/a"
 
 
-def build(work: Path, n: int, size: int, width: int, overrides: list[str]) -> dict:
+def build(work: Path, n: int, size: int, width: int, overrides: list[str], shards: bool = True) -> dict:
     import torch
 
     from wsss.checkpoint import save_checkpoint
@@ -49,7 +55,8 @@ def build(work: Path, n: int, size: int, width: int, overrides: list[str]) -> di
 
     make_synthetic(str(work / "data"), num_images=n, size=size, seed=0, val_fraction=0.0)
     ds = open_dataset(str(work / "data"), "train")
-    write_shards(ds, str(work / "shards"), shard_size=max(1, n // 4), progress=False)
+    if shards:
+        write_shards(ds, str(work / "shards"), shard_size=max(1, n // 4), progress=False)
     cfg = from_dict({"model": {"backbone": "tiny", "width": width}, "device": "cpu", "seed": 0}, overrides)
     torch.manual_seed(0)
     save_checkpoint(str(work / "cam"), build_model(cfg, ds.num_classes), cfg,
@@ -60,7 +67,62 @@ def build(work: Path, n: int, size: int, width: int, overrides: list[str]) -> di
             "aff": str(work / "aff"), "cfg": cfg, "ids": sorted(ds.ids)}
 
 
-def run_sequential(m: dict, out: str, threads: int | None) -> dict:
+def bench_cam(m: dict, n: int, batch: int, device: str, repeats: int = 2) -> dict:
+    """CAM inference alone: the per-pass loop (``CamStage.__call__`` per image) vs ``CamStage.batch`` in chunks of
+    ``batch`` images, on the first ``n`` images of the set; best of ``repeats`` timed passes after a warm-up.
+    Checks the two agree (max abs difference)."""
+    import torch
+
+    from wsss.data import open_dataset
+    from wsss.pseudolabel import CamStage
+
+    ds = open_dataset(m["data"], "train")
+    items = [ds.load_item(i) for i in m["ids"][:n]]
+    images, labels = [it["image"] for it in items], [it["labels"] for it in items]
+    stage = CamStage(m["cam"], device=device)
+    sync = torch.cuda.synchronize if stage.device.type == "cuda" else (lambda: None)
+
+    def per_pass():
+        return [stage(im, lab) for im, lab in zip(images, labels)]
+
+    def batched():
+        out = []
+        for c0 in range(0, len(images), batch):
+            out += stage.inferencer.infer_batch(images[c0:c0 + batch], labels[c0:c0 + batch], batch_size=batch)
+        return out
+
+    times = {}
+    outs = {}
+    stage(images[0], labels[0])  # warm-up (allocator, cudnn autotune) of both shapes of forward
+    stage.batch(images[:batch], labels[:batch])
+    for name, fn in (("per_pass", per_pass), ("batched", batched)):
+        best = float("inf")
+        for _ in range(repeats):
+            sync()
+            t0 = time.perf_counter()
+            outs[name] = fn()
+            sync()
+            best = min(best, time.perf_counter() - t0)
+        times[name] = best
+    diff = max(float(np.abs(a[0] - b[0]).max()) if a[0].size else 0.0
+               for a, b in zip(outs["per_pass"], outs["batched"]))
+    return {"n": len(images), "batch": batch, "device": str(stage.device), "threads": torch.get_num_threads(),
+            "per_pass_s": times["per_pass"], "batched_s": times["batched"],
+            "speedup": times["per_pass"] / times["batched"] if times["batched"] > 0 else float("nan"),
+            "max_abs_diff": diff, "scales": list(stage.inferencer.scales), "flip": stage.inferencer.flip}
+
+
+def cam_table(r: dict, size: int, width: int) -> list[str]:
+    return ["| run | device | images | batch | per-pass s | batched s | per-pass img/s | batched img/s | "
+            "speed-up | max abs diff |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            f"| CAM inference: batched vs per-pass ({size} px, tiny width {width}, scales "
+            f"{'/'.join(str(s) for s in r['scales'])}{' x flip' if r['flip'] else ''}) | {r['device']} "
+            f"({r['threads']} threads) | {r['n']} | {r['batch']} | {r['per_pass_s']:.2f} | {r['batched_s']:.2f} | "
+            f"{r['n'] / r['per_pass_s']:.2f} | {r['n'] / r['batched_s']:.2f} | **{r['speedup']:.2f}x** | "
+            f"{r['max_abs_diff']:.1e} |"]
+
+
+def run_sequential(m: dict, out: str, threads: int | None, cam_batch: int = 8) -> dict:
     import torch
 
     from wsss.pseudolabel import pseudolabel
@@ -73,7 +135,7 @@ def run_sequential(m: dict, out: str, threads: int | None) -> dict:
         load = _load()
         t0, c0 = time.perf_counter(), time.process_time()
         r = pseudolabel(m["cfg"], m["cam"], m["data"], out, affinity=m["aff"], stages=("cam", "rw", "crf"),
-                        split="train", progress=False)
+                        split="train", progress=False, cam_batch=cam_batch)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     finally:
         torch.set_num_threads(saved)
@@ -93,7 +155,7 @@ def run_pipeline(m: dict, out: str, cam_actors: int, crf_tasks: int, batch_size:
     cpu = sum(s.get("cpu_s") or 0.0 for s in r["stage_stats"])  # CPU seconds of all Ray tasks / actor calls
     import pyarrow.parquet as pq
 
-    res = pq.read_table(os.path.join(out, "results.parquet")).to_pydict()
+    res = pq.read_table(out).to_pydict()  # the output prefix is a Parquet dataset of the result rows
     mean_sec = {k: float(np.mean([v for v in res[f"sec_{k}"] if v is not None])) for k in ("cam", "rw", "crf")}
     return {"wall_s": wall, "cpu_s": cpu, "load": load, "n": r["n_ok"], "pipeline_s": r["pipeline_seconds"],
             "stage_stats": r["stage_stats"], "mean_sec": mean_sec,
@@ -107,8 +169,8 @@ def agreement(out_a: str, out_b: str, ids: list[str]) -> float:
 
     same = total = 0
     for i in ids:
-        a = decode_mask(Path(out_a, f"{i}.png").read_bytes(), i)
-        b = decode_mask(Path(out_b, f"{i}.png").read_bytes(), i)
+        a = decode_mask(Path(out_a, "_labels", f"{i}.png").read_bytes(), i)
+        b = decode_mask(Path(out_b, "_labels", f"{i}.png").read_bytes(), i)
         same += int((a == b).sum())
         total += a.size
     return same / total if total else float("nan")
@@ -124,8 +186,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="config override for both paths (e.g. crf.iters=10)")
     p.add_argument("--num-cpus", type=int, default=8, help="logical CPUs of the local Ray cluster")
     p.add_argument("--no-seq-1thread", action="store_true", help="skip the 1-thread sequential reference")
-    p.add_argument("--out", default=str(HERE / "results" / "pipeline.md"))
+    p.add_argument("--cam-batch", type=int, default=8, help="images per batched CAM forward (sequential loop and "
+                   "the CAM row)")
+    p.add_argument("--cam-only", action="store_true",
+                   help="only the row 'CAM inference: batched vs per-pass' (no Ray, no RW/CRF)")
+    p.add_argument("--cam-images", type=int, default=None, help="images for the CAM row (default: all)")
+    p.add_argument("--device", default="cpu", help="device of the CAM row (cpu | cuda)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the CAM row on CPU (default 1)")
+    p.add_argument("--out", default=None, help="markdown table path (default bench/results/pipeline.md, or "
+                   "bench/results/cam_batch.md with --cam-only)")
     args = p.parse_args(argv)
+    if args.out is None:
+        args.out = str(HERE / "results" / ("cam_batch.md" if args.cam_only else "pipeline.md"))
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -136,9 +208,29 @@ def main(argv: list[str] | None = None) -> int:
            "torch": torch.__version__, "load_start": _load()}
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         work = Path(tmp)
-        m = build(work, args.images, args.size, args.width, args.overrides)
+        m = build(work, args.images, args.size, args.width, args.overrides, shards=not args.cam_only)
         n = len(m["ids"])
         print(f"data: {n} images {args.size}px, tiny width {args.width}; load {_load()}", file=sys.stderr)
+        if args.device == "cpu" and args.threads:
+            torch.set_num_threads(args.threads)
+        cam_row = bench_cam(m, args.cam_images or n, args.cam_batch, args.device)
+        torch.set_num_threads(env["torch_default_threads"])
+        print(f"CAM inference: per-pass {cam_row['per_pass_s']:.2f}s, batched {cam_row['batched_s']:.2f}s "
+              f"({cam_row['speedup']:.2f}x)", file=sys.stderr)
+        if args.cam_only:
+            env["load_end"] = _load()
+            text = "\n".join([f"# CAM inference: batched vs per-pass", "",
+                              f"{cam_row['n']} synthetic images of {args.size} px, untrained tiny backbone; best "
+                              f"of 2 passes after a warm-up. Load average {env['load_start']} at start, "
+                              f"{env['load_end']} at the end.", ""] + cam_table(cam_row, args.size, args.width)) + "\n"
+            print(text)
+            out = Path(args.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(text)
+            out.with_suffix(".json").write_text(json.dumps({"env": env, "args": vars(args), "cam": cam_row},
+                                                           indent=2, default=float) + "\n")
+            print(f"saved {out}", file=sys.stderr)
+            return 0
 
         import ray
         import ray.data
@@ -158,12 +250,12 @@ def main(argv: list[str] | None = None) -> int:
 
         # Interleaved so that the other load of a shared machine drifts over all variants alike.
         try:
-            seq = run_sequential(m, str(work / "seq"), None)
+            seq = run_sequential(m, str(work / "seq"), None, args.cam_batch)
             rows.append({"run": f"sequential loop, torch default threads ({seq['threads']})", **seq})
             print(f"sequential ({seq['threads']} threads): {seq['wall_s']:.1f}s", file=sys.stderr)
             pipe(1, 1)
             if not args.no_seq_1thread:
-                seq1 = run_sequential(m, str(work / "seq1"), 1)
+                seq1 = run_sequential(m, str(work / "seq1"), 1, args.cam_batch)
                 rows.append({"run": "sequential loop, 1 torch thread (reference)", **seq1})
                 print(f"sequential (1 thread): {seq1['wall_s']:.1f}s", file=sys.stderr)
             pipe(1, 2)
@@ -193,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         vs1 = f"{base1 / per:.2f}x" if base1 else "-"
         lines.append(f"| {r['run']} | {r['n']} | {r['wall_s']:.1f} | {ips:.2f} | {base / per:.2f}x | {vs1} | "
                      f"{first} | {steady} | {r['cpu_s'] / max(r['n'], 1):.3f} | {r['load'].split()[0]} | {agree} |")
+    lines += ["", "CAM inference alone, same images (1 torch thread on CPU unless --threads):", ""]
+    lines += cam_table(cam_row, args.size, args.width)
     lines += ["", "Per-image seconds inside each stage function (mean; the pipeline's stages run concurrently on the "
               "same 2 cores, so each is slower than alone):", "",
               "| run | cam | rw | crf |", "|---|---:|---:|---:|"]
@@ -214,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
-    out.with_suffix(".json").write_text(json.dumps({"env": env, "args": vars(args), "rows": rows}, indent=2,
+    out.with_suffix(".json").write_text(json.dumps({"env": env, "args": vars(args), "rows": rows, "cam": cam_row}, indent=2,
                                                    default=float) + "\n")
     print(f"saved {out}", file=sys.stderr)
     return 0

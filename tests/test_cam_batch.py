@@ -27,13 +27,15 @@ def _images(rng, sizes):
     return [rng.integers(0, 255, (h, w, 3), dtype=np.uint8) for h, w in sizes]
 
 
-@pytest.mark.parametrize("method,attention,use_pcm", [("daen", "csm", True), ("seam", "none", False),
-                                                      ("cam", "none", False)])
-def test_infer_batch_equals_per_image_loop(method, attention, use_pcm):
+@pytest.mark.parametrize("method,attention,use_pcm,resample", [
+    ("daen", "csm", True, "bicubic"), ("seam", "none", True, "bilinear"), ("seam", "none", False, "bicubic"),
+    ("cam", "none", False, "bilinear")])
+def test_infer_batch_equals_per_image_loop(method, attention, use_pcm, resample):
     from wsss.train import build_model
 
     cfg = _cfg(method, attention)
     cfg.infer.use_pcm = use_pcm
+    cfg.infer.resample = resample
     torch.manual_seed(0)
     net = build_model(cfg, 5)
     net.train()  # infer_batch switches to eval and back, as __call__ does
@@ -96,3 +98,23 @@ def test_cam_stage_batch_matches_call(tmp_path):
         c_ref, k_ref = stage(im, lab)
         assert np.array_equal(k, k_ref)
         np.testing.assert_allclose(c, c_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_unused_pcm_is_not_computed_and_changes_nothing():
+    from wsss.train import build_model
+
+    cfg = _cfg("seam")
+    cfg.infer.use_pcm = False
+    torch.manual_seed(0)
+    net = build_model(cfg, 3)
+    seen = []
+    net.pcm.register_forward_hook(lambda m, i, o: seen.append(1))
+    inf = CamInferencer(net, cfg)
+    image = np.random.default_rng(3).integers(0, 255, (24, 32, 3), dtype=np.uint8)
+    cam, keys = inf(image, np.array([1, 1], np.float32))
+    assert seen == []  # the forward skipped the PCM
+    ref = CamInferencer(net, cfg)
+    ref._skip_pcm = False  # the PCM computed and ignored
+    cam2, keys2 = ref(image, np.array([1, 1], np.float32))
+    assert len(seen) == len(cfg.infer.scales) and np.array_equal(keys, keys2)
+    np.testing.assert_allclose(cam, cam2, rtol=1e-5, atol=1e-6)

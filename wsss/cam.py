@@ -54,11 +54,15 @@ class CamInferencer:
     ``infer_batch`` does the same for a list of images with one forward per scale for each group of same-size
     images (both flips stacked in that batch); its results equal the per-image call's (allclose: eval-mode
     BatchNorm, PCM and attention are per-sample, only the float summation order of batched kernels differs).
+    Both go through the same per-scale steps (``_scaled``, ``_forward``, ``_pass_cam``) and scoring (``_finish``).
+    When the PCM output is not used, a model whose forward takes ``pcm=`` is asked not to compute it.
     """
 
     def __init__(self, model: torch.nn.Module, cfg: Config, device: torch.device | None = None,
                  scales: list[float] | None = None, flip: bool | None = None, use_pcm: bool | None = None,
                  batch_size: int = 8):
+        import inspect
+
         self.model = getattr(model, "module", model)
         self.cfg = cfg
         self.device = device or next(self.model.parameters()).device
@@ -66,51 +70,91 @@ class CamInferencer:
         self.flip = cfg.infer.flip if flip is None else flip
         self.use_pcm = (cfg.infer.use_pcm and cfg.uses_pcm) if use_pcm is None else use_pcm
         self.batch_size = max(1, int(batch_size))  # images per forward in infer_batch (x2 with flip)
+        try:
+            self._skip_pcm = (not self.use_pcm) and "pcm" in inspect.signature(self.model.forward).parameters
+        except (TypeError, ValueError):  # pragma: no cover - a forward without a signature
+            self._skip_pcm = False
 
-    def _select_cam(self, out: dict) -> torch.Tensor:
-        """The network output used as the CAM: the PCM-refined one when enabled and present, else the raw CAM."""
-        return out["cam_rv"] if (self.use_pcm and out.get("cam_rv") is not None) else out["cam"]
+    # ---- the per-scale steps shared by the per-image and the batched path -----------------------------------
+    def _scaled(self, images: list[np.ndarray], x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """The (B, 3, *size) input of one scale: ``x`` itself at scale 1, else each uint8 image resized with PIL
+        bicubic (PSA / SEAM MSF loaders) or, with ``infer.resample: bilinear``, ``x`` resized."""
+        from wsss.data.transforms import normalize
+
+        if size == tuple(x.shape[-2:]):
+            return x
+        if self.cfg.infer.resample == "bicubic":
+            return torch.stack([normalize(np.asarray(Image.fromarray(np.ascontiguousarray(im)).resize(
+                (size[1], size[0]), Image.BICUBIC))) for im in images]).to(self.device)
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+    def _forward(self, xs: torch.Tensor) -> dict:
+        from wsss.train import autocast
+
+        with autocast(self.device, self.cfg.optim.amp):
+            return self.model(xs, pcm=False) if self._skip_pcm else self.model(xs)
+
+    def _pass_cam(self, out: dict, size: tuple[int, int], hw: tuple[int, int]) -> tuple[torch.Tensor, bool]:
+        """(N, C, H, W) CAM of one pass at the image size, and whether it is the PCM output."""
+        pcm_scored = bool(self.use_pcm and out.get("cam_rv") is not None)
+        if pcm_scored:  # SEAM: cam_rv at the pass's input size (align_corners=True), then the image size
+            cam = F.interpolate(out["cam_rv"].float(), size=size, mode="bilinear", align_corners=True)
+        else:  # PSA: ReLU per pass
+            cam = F.relu(out["cam"].float())
+        return F.interpolate(cam, size=hw, mode="bilinear", align_corners=False), pcm_scored
+
+    def _multi_scale(self, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Summed (B, C, H, W) CAMs over scales and flips of same-size images, their (B, C) logits at scale 1
+        (else the first scale), and whether they are PCM outputs. One forward per scale for the whole batch."""
+        from wsss.data.transforms import normalize
+
+        h, w = images[0].shape[:2]
+        b = len(images)
+        x = torch.stack([normalize(im) for im in images]).to(self.device)
+        total = None
+        logits1 = None
+        pcm_scored = False
+        for s in self.scales:
+            size = (max(8, int(round(h * s))), max(8, int(round(w * s))))
+            xs = self._scaled(images, x, size)
+            if self.flip:
+                xs = torch.cat([xs, torch.flip(xs, dims=(-1,))], dim=0)
+            out = self._forward(xs)
+            cam, pcm_scored = self._pass_cam(out, size, (h, w))
+            if self.flip:
+                cam = cam[:b] + torch.flip(cam[b:], dims=(-1,))
+            total = cam if total is None else total + cam
+            if s == 1.0 or logits1 is None:
+                logits1 = out["logits"][:b].float()
+        return total, logits1, pcm_scored
 
     @torch.no_grad()
     def __call__(self, image: np.ndarray, labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        from wsss.data.transforms import normalize
-        from wsss.train import autocast
-
         was_training = self.model.training
         self.model.eval()
-        h, w = image.shape[:2]
-        x = normalize(image).unsqueeze(0).to(self.device)
-        total = None
-        logits1 = None
-        for s in self.scales:
-            size = (max(8, int(round(h * s))), max(8, int(round(w * s))))
-            xs = F.interpolate(x, size=size, mode="bilinear", align_corners=False) if size != (h, w) else x
-            if self.flip:
-                xs = torch.cat([xs, torch.flip(xs, dims=(-1,))], dim=0)
-            with autocast(self.device, self.cfg.optim.amp):
-                out = self.model(xs)
-            cam = F.relu(self._select_cam(out).float())
-            cam = F.interpolate(cam, size=(h, w), mode="bilinear", align_corners=False)
-            if self.flip:
-                cam = cam[0:1] + torch.flip(cam[1:2], dims=(-1,))
-            total = cam[0] if total is None else total + cam[0]
-            if s == 1.0 or logits1 is None:
-                logits1 = out["logits"][0].float()
-        if was_training:
-            self.model.train()
-        return self._finish(total, logits1, labels)
+        try:
+            total, logits1, pcm_scored = self._multi_scale([image])
+        finally:
+            if was_training:
+                self.model.train()
+        return self._finish(total[0], logits1[0], labels, pcm_scored)
 
-    def _finish(self, total: torch.Tensor, logits1: torch.Tensor, labels) -> tuple[np.ndarray, np.ndarray]:
-        """(C, H, W) summed CAM of one image -> its positive classes' planes, max-normalised, and their keys."""
+    def _finish(self, total: torch.Tensor, logits1: torch.Tensor, labels,
+                pcm_scored: bool) -> tuple[np.ndarray, np.ndarray]:
+        """(C, H, W) summed CAM of one image -> its positive classes' planes, normalised, and their keys."""
         if labels is None:
             labels_t = (logits1 > 0).float()
         else:
             labels_t = torch.as_tensor(np.asarray(labels), dtype=torch.float32, device=self.device)
         keys = torch.nonzero(labels_t > 0.5).flatten() + 1
-        cam = total[keys]
+        cam = F.relu(total[keys])
         flat = cam.reshape(cam.shape[0], -1)
         mx = flat.max(dim=1)[0].reshape(-1, 1, 1)
-        cam = cam / (mx + 1e-5)
+        if pcm_scored:  # SEAM: per-channel min-max (values at the minimum go to 0)
+            mn = flat.min(dim=1)[0].reshape(-1, 1, 1)
+            cam = (cam - mn - 1e-5) / (mx - mn + 1e-5)
+        else:  # PSA: divided by the max
+            cam = cam / (mx + 1e-5)
         return cam.clamp(0, 1).cpu().numpy().astype(np.float32), keys.cpu().numpy().astype(np.int64)
 
     @torch.no_grad()
@@ -119,9 +163,6 @@ class CamInferencer:
         """``[self(im, lab) for im, lab in zip(images, labels)]`` with batched forwards: images are grouped by size,
         and each group (in chunks of ``batch_size`` images, default ``self.batch_size``) goes through the network
         once per scale with its flipped copies stacked in the same batch (2B inputs per forward)."""
-        from wsss.data.transforms import normalize
-        from wsss.train import autocast
-
         n = len(images)
         labels = [None] * n if labels is None else list(labels)
         if len(labels) != n:
@@ -134,30 +175,12 @@ class CamInferencer:
         was_training = self.model.training
         self.model.eval()
         try:
-            for (h, w), idx in groups.items():
+            for idx in groups.values():
                 for c0 in range(0, len(idx), bs):
                     chunk = idx[c0:c0 + bs]
-                    b = len(chunk)
-                    x = torch.stack([normalize(images[i]) for i in chunk]).to(self.device)
-                    total = None
-                    logits1 = None
-                    for s in self.scales:
-                        size = (max(8, int(round(h * s))), max(8, int(round(w * s))))
-                        xs = F.interpolate(x, size=size, mode="bilinear", align_corners=False) \
-                            if size != (h, w) else x
-                        if self.flip:
-                            xs = torch.cat([xs, torch.flip(xs, dims=(-1,))], dim=0)
-                        with autocast(self.device, self.cfg.optim.amp):
-                            out = self.model(xs)
-                        cam = F.relu(self._select_cam(out).float())
-                        cam = F.interpolate(cam, size=(h, w), mode="bilinear", align_corners=False)
-                        if self.flip:
-                            cam = cam[:b] + torch.flip(cam[b:], dims=(-1,))
-                        total = cam if total is None else total + cam
-                        if s == 1.0 or logits1 is None:
-                            logits1 = out["logits"][:b].float()
+                    total, logits1, pcm_scored = self._multi_scale([images[i] for i in chunk])
                     for j, i in enumerate(chunk):
-                        results[i] = self._finish(total[j], logits1[j], labels[i])
+                        results[i] = self._finish(total[j], logits1[j], labels[i], pcm_scored)
         finally:
             if was_training:
                 self.model.train()
