@@ -145,7 +145,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jobs.evaluate",
                                 description="Distributed mIoU of label PNGs against the masks in a shard set.")
     p.add_argument("--pred", required=True, help="folder / s3:// prefix with <id>.png predictions")
-    p.add_argument("--data", required=True, help="shard folder (manifest.json + Parquet shards), local or s3://")
+    p.add_argument("--data", required=True, help="shard folder (_manifest.json + Parquet shards), local or s3://")
     p.add_argument("--json", default=None, help="write the result JSON here (local or s3://)")
     common.add_cluster_args(p)
     return p

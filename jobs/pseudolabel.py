@@ -791,7 +791,7 @@ def _parser() -> argparse.ArgumentParser:
                                 description="Pseudo-label a sharded dataset with Ray Data (CAM -> RW -> CRF).")
     p.add_argument("--checkpoint", required=True, help="CAM checkpoint folder (local or s3://)")
     p.add_argument("--affinity", default=None, help="AffinityNet checkpoint folder (needed for stage rw)")
-    p.add_argument("--data", required=True, help="shard folder (manifest.json + Parquet shards), local or s3://")
+    p.add_argument("--data", required=True, help="shard folder (_manifest.json + Parquet shards), local or s3://")
     p.add_argument("--out", required=True, help="output folder or s3:// prefix")
     p.add_argument("--stages", default="cam,rw,crf", help="comma list, ordered subset of cam,rw,crf (default all)")
     p.add_argument("--cam-actors", type=int, default=1, help="CAM actor pool size (1 GPU each when GPUs exist)")
