@@ -326,6 +326,11 @@ def apply_override(cfg: Config, override: str) -> None:
 
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a YAML config file (or defaults when ``path`` is None) and apply overrides."""
+    return from_dict(read_yaml_mapping(path), overrides)
+
+
+def read_yaml_mapping(path: str | Path | None) -> dict[str, Any]:
+    """The top-level mapping of a YAML config file ({} when ``path`` is None); ConfigError naming the file."""
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -337,7 +342,7 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"config file {p}: not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {p}: expected a mapping at the top level")
-    return from_dict(data, overrides)
+    return data
 
 
 def resolve_device(cfg: Config):

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from wsss.config import CRFConfig, ConfigError, _check, _merge, apply_override
+from wsss.config import CRFConfig, ConfigError, _check, _merge, apply_override, read_yaml_mapping
 
 __all__ = ["SegConfig", "SegDataConfig", "SegModelConfig", "SegOptimConfig", "SegEvalConfig", "ARCHS",
            "seg_from_dict", "load_seg_config", "deeplab_crf"]
@@ -162,18 +162,7 @@ def seg_from_dict(data: dict[str, Any] | None, overrides: list[str] | None = Non
 
 def load_seg_config(path: str | Path | None = None, overrides: list[str] | None = None) -> SegConfig:
     """Load a segmentation YAML config (defaults when ``path`` is None) and apply ``key=value`` overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {p}: expected a mapping at the top level")
-    return seg_from_dict(data, overrides)
+    return seg_from_dict(read_yaml_mapping(path), overrides)
 
 
 def resolve_device(cfg: SegConfig):
