@@ -492,21 +492,26 @@ def run_training(cfg, shards_uri: str, storage_uri: str, name: str, num_workers:
     """Train with Ray Train (Ray must be initialised). Returns a dict: name, storage, checkpoint (URI of the last
     Ray checkpoint), final (URI of the exported plain checkpoint folder), metrics (last epoch's), history, plan.
     Re-running with the same ``name`` and ``storage_uri`` resumes from the latest checkpoint."""
-    from wsss.data import fs as wfs
-
     t0 = time.perf_counter()
     trainer, plan = build_trainer(cfg, shards_uri, storage_uri, name, num_workers, use_gpu, cpus_per_worker,
                                   max_failures, val_uri, **kwargs)
     log.info("train %s: %d images, %d worker(s), %d steps/epoch, %d steps, storage %s", name, plan["n_images"],
              plan["num_workers"], plan["steps_per_epoch"], plan["total_steps"], common.redact(storage_uri))
+    return fit_result(trainer, storage_uri, name, plan, t0, export)
+
+
+def fit_result(trainer, storage_uri: str, name: str, plan: dict, t0: float, export: bool, **extra) -> dict[str, Any]:
+    """Run ``trainer.fit()`` and describe its result: metrics, the last checkpoint's URI and history, and (with
+    ``export``) the exported final model. Shared by the CAM and segmentation training jobs."""
+    from wsss.data import fs as wfs
+
     result = trainer.fit()
     if result.error is not None:  # fit() raises on failure in V2; keep a guard for other versions
         raise result.error
     ckpt = result.checkpoint
     out: dict[str, Any] = {"name": name, "storage": storage_uri, "run_dir": wfs.join(storage_uri, name),
-                           "plan": plan, "metrics": dict(result.metrics or {}), "seconds": time.perf_counter() - t0,
+                           "plan": plan, "metrics": dict(result.metrics or {}), **extra, "history": [],
                            "checkpoint": _checkpoint_uri(ckpt, storage_uri) if ckpt is not None else None}
-    out["history"] = []
     if ckpt is not None:
         with ckpt.as_directory() as d:
             p = os.path.join(d, "metrics.json")
@@ -515,6 +520,7 @@ def run_training(cfg, shards_uri: str, storage_uri: str, name: str, num_workers:
                     out["history"] = json.load(f).get("history", [])
         if export:
             out["final"] = export_final(ckpt, storage_uri, name)
+    out["seconds"] = time.perf_counter() - t0
     return out
 
 

@@ -21,9 +21,7 @@ checkpoint folder that ``wsss predict-seg --checkpoint`` accepts.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import sys
 import tempfile
 import time
@@ -32,8 +30,7 @@ from typing import Any
 import numpy as np
 
 from jobs import common
-from jobs.train import (DEFAULT_WARMUP_STEPS, TRAIN_STATE, _all_reduce, _checkpoint_uri, _load_resume_state,
-                        _ValShards, export_final)
+from jobs.train import DEFAULT_WARMUP_STEPS, _all_reduce, _load_resume_state, _ValShards, fit_result
 
 log = logging.getLogger("wsss.jobs.train_seg")
 
@@ -265,7 +262,6 @@ def run_train_seg(cfg, shards_uri: str, storage_uri: str, name: str, labels: str
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from wsss.data import fs as wfs
     from wsss.data.shards import read_manifest
 
     t0 = time.perf_counter()
@@ -300,23 +296,7 @@ def run_train_seg(cfg, shards_uri: str, storage_uri: str, name: str, labels: str
             "steps_per_epoch": per_epoch, "total_steps": total, "checkpoint_every": every, "num_workers": world}
     log.info("train-seg %s: %d labelled images (%d rejected), %d worker(s), %d steps, storage %s", name, n_ok,
              len(rejects), world, total, common.redact(storage_uri))
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
-    ckpt = result.checkpoint
-    out: dict[str, Any] = {"name": name, "storage": storage_uri, "run_dir": wfs.join(storage_uri, name), "plan": plan,
-                           "metrics": dict(result.metrics or {}), "rejects": rejects, "history": [],
-                           "checkpoint": _checkpoint_uri(ckpt, storage_uri) if ckpt is not None else None,
-                           "seconds": time.perf_counter() - t0}
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            p = os.path.join(d, "metrics.json")
-            if os.path.exists(p):
-                with open(p) as f:
-                    out["history"] = json.load(f).get("history", [])
-        if export:
-            out["final"] = export_final(ckpt, storage_uri, name)
-    return out
+    return fit_result(trainer, storage_uri, name, plan, t0, export, rejects=rejects)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -28,6 +28,15 @@ class Backbone(nn.Module):
     frozen_bn: bool = False
     pretrained_ignore: tuple[str, ...] = ()
 
+    def init_from_scratch(self) -> None:
+        """Kaiming (fan-out) convolutions, unit BatchNorm: the initialisation of a backbone trained from scratch."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
     def freeze_bn(self) -> None:
         """Freeze every BatchNorm (SEAM: eval mode, weight/bias without grad)."""
         self.frozen_bn = True

@@ -154,7 +154,7 @@ class EfficientNetLite0(Backbone):
         self._blocks = nn.ModuleList(blocks)
         self._conv_head = nn.Conv2d(LITE0_STAGES[-1][4], HEAD_CHANNELS, 1, bias=False)
         self._bn1 = _bn(HEAD_CHANNELS)
-        self._init_weights()
+        self.init_from_scratch()  # overwritten when pretrained weights are loaded
         # the fixed affine from ImageNet normalisation to the weights' own (identity when they agree)
         w_mean, w_std = torch.tensor(WEIGHTS_MEAN), torch.tensor(WEIGHTS_STD)
         i_mean, i_std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
@@ -164,15 +164,6 @@ class EfficientNetLite0(Backbone):
                                  torch.allclose(self._in_shift, torch.zeros(())))
         if frozen_bn:
             self.freeze_bn()
-
-    def _init_weights(self) -> None:
-        # used only without pretrained weights (from scratch)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
 
     def _trunk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if not self._in_identity:

@@ -50,12 +50,7 @@ class TinyNet(Backbone):
         self.down = nn.Sequential(_cbr(w, 2 * w, stride=2), _cbr(2 * w, 2 * w, stride=2), _cbr(2 * w, 2 * w))
         self.stage5 = nn.Sequential(_cbr(2 * w, 4 * w, stride=s5, dilation=d5), _cbr(4 * w, 4 * w, dilation=d5))
         self.stage6 = nn.Sequential(_cbr(4 * w, 8 * w, dilation=d6), _cbr(8 * w, 8 * w, dilation=d6, relu=False))
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        self.init_from_scratch()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         f4 = self.down(self.stem(x))
